@@ -1,0 +1,1 @@
+"""faceemd: DeepFace-EMD two-stage face identification."""
