@@ -1,0 +1,318 @@
+"""Two-stage face identification (paper Sec. 2.3, Fig. 2, Eq. 9).
+
+Stage 1 ranks the gallery by cosine similarity of image embeddings and keeps the top ``depth``
+items per query, streaming the gallery in chunks so memory is ``O(query_batch * chunk_size)``,
+never ``Q x G``. Stage 2 re-scores the first ``top_k`` of them by patch-wise EMD similarity and
+blends ``alpha * emd_similarity + (1 - alpha) * cosine``; positions past ``top_k`` keep their
+stage-1 order. ``depth >= top_k`` is kept so that R-Precision and MAP@R, which look R items deep,
+can be computed from the returned rankings alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from faceemd.emd.exact import exact_emd
+from faceemd.emd.sinkhorn import EMDResult, patch_cosine, sinkhorn
+from faceemd.emd.weights import WEIGHTINGS, compute_weights
+
+__all__ = [
+    "FeatureBank",
+    "Ranking",
+    "RerankConfig",
+    "check_finite",
+    "pairwise_emd",
+    "stage1_topk",
+    "stage2_rerank",
+    "two_stage_rank",
+]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RerankConfig:
+    """Stage-2 settings (``conf/rerank/emd.yaml`` mirrors these fields).
+
+    top_k: candidates re-ranked per query (paper: 100); 0 disables stage 2.
+    alpha: blend weight of the EMD similarity in [0, 1] (paper: 0.7) for ``blend='linear'``.
+    blend: ``'linear'`` (Eq. 9) or ``'sum'`` (the public code's ``alpha < 0`` mode: EMD + cosine).
+    weighting: one of :data:`faceemd.emd.weights.WEIGHTINGS`.
+    solver: ``'sinkhorn'`` or ``'exact'`` (POT network simplex, slow, for checks).
+    eps, max_iter, tol, check_every, log_domain: Sinkhorn settings (see :func:`sinkhorn`).
+    cost_dtype: precision of the patch-cosine matrix product (``'float32'`` or ``'bfloat16'``).
+    query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats).
+    chunk_size: gallery items per stage-1 step.
+    """
+
+    top_k: int = 100
+    alpha: float = 0.7
+    blend: str = "linear"
+    weighting: str = "apc"
+    solver: str = "sinkhorn"
+    eps: float = 0.05
+    max_iter: int = 200
+    tol: float = 1e-4
+    check_every: int = 10
+    log_domain: bool = False
+    cost_dtype: str = "float32"
+    query_batch: int = 64
+    chunk_size: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.blend not in ("linear", "sum"):
+            raise ValueError(f"blend must be 'linear' or 'sum', got {self.blend!r}")
+        if self.blend == "linear" and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be in [0, 1], got {self.alpha}; use blend='sum' for the public "
+                "code's unweighted EMD + cosine score"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {WEIGHTINGS}")
+        if self.solver not in ("sinkhorn", "exact"):
+            raise ValueError(f"solver must be 'sinkhorn' or 'exact', got {self.solver!r}")
+        if self.cost_dtype not in _DTYPES:
+            raise ValueError(f"cost_dtype must be one of {list(_DTYPES)}, got {self.cost_dtype!r}")
+        if self.query_batch < 1 or self.chunk_size < 1:
+            raise ValueError("query_batch and chunk_size must be >= 1")
+
+
+@dataclass
+class FeatureBank:
+    """Features of one image set, as the ranking needs them.
+
+    embeddings: ``(N, D)`` final embeddings (stage 1, CC weighting).
+    patches: ``(N, R, C)`` patch embeddings of the last conv grid (stage 2), any float dtype;
+    may be a memory-mapped tensor, rows are gathered per query batch.
+    labels: ``(N,)`` integer identity labels.
+    lmk: optional ``(N, R)`` landmark-density weights (LMK weighting).
+    """
+
+    embeddings: Tensor
+    patches: Tensor
+    labels: Tensor
+    lmk: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.embeddings.shape[0]
+        if self.embeddings.dim() != 2:
+            raise ValueError(f"embeddings must be (N, D), got {tuple(self.embeddings.shape)}")
+        if self.patches.dim() != 3 or self.patches.shape[0] != n:
+            raise ValueError(
+                f"patches must be (N, R, C) with N={n} rows, got {tuple(self.patches.shape)}"
+            )
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},), got {tuple(self.labels.shape)}")
+        if self.lmk is not None and self.lmk.shape != self.patches.shape[:2]:
+            raise ValueError(
+                f"lmk weights must be (N, R) = {tuple(self.patches.shape[:2])}, "
+                f"got {tuple(self.lmk.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+@dataclass
+class Ranking:
+    """Rankings of the gallery per query, ``depth`` items deep.
+
+    stage1_index / stage2_index: ``(Q, depth)`` gallery row indices, best first.
+    stage1_score / stage2_score: ``(Q, depth)`` the scores they were sorted by (stage 2 holds
+    blended scores in its first ``top_k`` columns and cosine after).
+    """
+
+    stage1_index: Tensor
+    stage1_score: Tensor
+    stage2_index: Tensor
+    stage2_score: Tensor
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    """Raise ``ValueError`` naming the rows of ``x`` (first dim) holding NaN or Inf."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+        raise ValueError(
+            f"{name} has NaN/Inf values in {len(rows)} row(s): {shown}; re-extract those images "
+            "or drop them (a backbone in half precision can overflow: try fp32)"
+        )
+
+
+def stage1_topk(
+    query: Tensor,
+    gallery: Tensor,
+    depth: int,
+    exclude: Tensor | None = None,
+    chunk_size: int = 16384,
+    query_batch: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Top-``depth`` gallery items by cosine similarity, streamed over gallery chunks.
+
+    query: ``(Q, D)``; gallery: ``(G, D)``; exclude: optional ``(Q,)`` gallery row to leave out of
+    each query's ranking (its own image), -1 for none. Returns ``(scores, index)``, both
+    ``(Q, depth)``, best first. Peak extra memory ``query_batch * (chunk_size + depth)`` floats.
+    """
+    if query.dim() != 2 or gallery.dim() != 2 or query.shape[1] != gallery.shape[1]:
+        raise ValueError(
+            f"embeddings must be (Q, D) and (G, D) with equal D, got {tuple(query.shape)} and "
+            f"{tuple(gallery.shape)}"
+        )
+    available = gallery.shape[0] - (1 if exclude is not None and bool((exclude >= 0).any()) else 0)
+    if depth > available:
+        raise ValueError(
+            f"ranking depth {depth} exceeds the {available} gallery items a query can be "
+            "compared with; lower rerank.top_k or use a larger gallery"
+        )
+    scores_out, index_out = [], []
+    for q0 in range(0, query.shape[0], query_batch):
+        qn = torch.nn.functional.normalize(query[q0 : q0 + query_batch].float(), dim=1)
+        best_s = qn.new_empty(qn.shape[0], 0)
+        best_i = torch.empty(qn.shape[0], 0, dtype=torch.long, device=qn.device)
+        for g0 in range(0, gallery.shape[0], chunk_size):
+            gn = torch.nn.functional.normalize(gallery[g0 : g0 + chunk_size].float(), dim=1)
+            s = qn @ gn.T
+            idx = torch.arange(g0, g0 + gn.shape[0], device=qn.device).expand_as(s)
+            if exclude is not None:
+                s = s.masked_fill(idx == exclude[q0 : q0 + query_batch, None], float("-inf"))
+            s = torch.cat([best_s, s], 1)
+            idx = torch.cat([best_i, idx], 1)
+            top = torch.topk(s, min(depth, s.shape[1]), dim=1)
+            best_s, best_i = top.values, idx.gather(1, top.indices)
+        scores_out.append(best_s)
+        index_out.append(best_i)
+    return torch.cat(scores_out), torch.cat(index_out)
+
+
+def pairwise_emd(
+    query_patches: Tensor,
+    candidate_patches: Tensor,
+    cfg: RerankConfig,
+    query_embedding: Tensor | None = None,
+    candidate_embedding: Tensor | None = None,
+    query_lmk: Tensor | None = None,
+    candidate_lmk: Tensor | None = None,
+    return_flow: bool = False,
+) -> tuple[EMDResult, Tensor, Tensor]:
+    """EMD between each query ``(B, R, C)`` and its candidates ``(B, K, R, C)``.
+
+    Returns ``(result, u, v)``: the :class:`EMDResult` over ``(B, K)`` and the weights used,
+    ``u, v (B, K, R)``.
+    """
+    if query_patches.dim() != 3 or candidate_patches.dim() != 4:
+        raise ValueError(
+            f"expected query patches (B, R, C) and candidates (B, K, R, C), got "
+            f"{tuple(query_patches.shape)} and {tuple(candidate_patches.shape)}"
+        )
+    if (
+        query_patches.shape[0] != candidate_patches.shape[0]
+        or query_patches.shape[2] != candidate_patches.shape[3]
+    ):
+        raise ValueError(
+            f"query patches {tuple(query_patches.shape)} and candidates "
+            f"{tuple(candidate_patches.shape)} disagree on batch size or channels"
+        )
+    sim = patch_cosine(query_patches, candidate_patches, _DTYPES[cfg.cost_dtype])
+    u, v = compute_weights(
+        cfg.weighting,
+        sim,
+        query_patches,
+        candidate_patches,
+        query_embedding,
+        candidate_embedding,
+        query_lmk,
+        candidate_lmk,
+    )
+    cost = (1.0 - sim).clamp_(0.0, 2.0)
+    if cfg.solver == "exact":
+        result = exact_emd(cost, u, v, return_flow=return_flow)
+    else:
+        result = sinkhorn(
+            cost,
+            u,
+            v,
+            eps=cfg.eps,
+            max_iter=cfg.max_iter,
+            tol=cfg.tol,
+            check_every=cfg.check_every,
+            log_domain=cfg.log_domain,
+            return_flow=return_flow,
+        )
+    return result, u, v
+
+
+def stage2_rerank(
+    query: FeatureBank,
+    gallery: FeatureBank,
+    stage1_score: Tensor,
+    stage1_index: Tensor,
+    cfg: RerankConfig,
+) -> tuple[Tensor, Tensor]:
+    """Re-rank the first ``cfg.top_k`` columns of a stage-1 ranking by Eq. 9.
+
+    stage1_score, stage1_index: ``(Q, depth)`` from :func:`stage1_topk`. Returns
+    ``(score, index)`` of the same shape; columns from ``top_k`` on are unchanged.
+    """
+    k = min(cfg.top_k, stage1_index.shape[1])
+    if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0):
+        return stage1_score.clone(), stage1_index.clone()
+    scores, indices = [], []
+    for q0 in range(0, len(query), cfg.query_batch):
+        q1 = min(q0 + cfg.query_batch, len(query))
+        cand = stage1_index[q0:q1, :k]
+        cos = stage1_score[q0:q1, :k]
+        result, _, _ = pairwise_emd(
+            query.patches[q0:q1],
+            gallery.patches[cand],
+            cfg,
+            query.embeddings[q0:q1],
+            gallery.embeddings[cand],
+            None if query.lmk is None else query.lmk[q0:q1],
+            None if gallery.lmk is None else gallery.lmk[cand],
+        )
+        emd_sim = result.similarity
+        if cfg.blend == "linear":
+            blended = cfg.alpha * emd_sim + (1.0 - cfg.alpha) * cos
+        else:
+            blended = emd_sim + cos
+        order = torch.sort(blended, dim=1, descending=True, stable=True).indices
+        scores.append(torch.cat([blended.gather(1, order), stage1_score[q0:q1, k:]], 1))
+        indices.append(torch.cat([cand.gather(1, order), stage1_index[q0:q1, k:]], 1))
+    return torch.cat(scores), torch.cat(indices)
+
+
+def two_stage_rank(
+    query: FeatureBank,
+    gallery: FeatureBank,
+    cfg: RerankConfig,
+    exclude: Tensor | None = None,
+    depth: int | None = None,
+) -> Ranking:
+    """Stage 1 then stage 2 for every query (paper Fig. 2).
+
+    exclude: optional ``(Q,)`` gallery row of each query's own image (-1 for none), for
+    protocols where query and gallery share images. depth: ranking length to keep, at least
+    ``cfg.top_k`` (default ``cfg.top_k``); metrics need it >= the largest R.
+    """
+    check_finite("query embeddings", query.embeddings)
+    check_finite("gallery embeddings", gallery.embeddings)
+    if cfg.top_k > 0:
+        check_finite("query patches", query.patches)
+        check_finite("gallery patches", gallery.patches)
+        if query.patches.shape[1:] != gallery.patches.shape[1:]:
+            raise ValueError(
+                f"query patches {tuple(query.patches.shape[1:])} and gallery patches "
+                f"{tuple(gallery.patches.shape[1:])} differ: extract both with one backbone/grid"
+            )
+    depth = max(cfg.top_k, depth or 0, 1)
+    s1, i1 = stage1_topk(
+        query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
+    )
+    s2, i2 = stage2_rerank(query, gallery, s1, i1, cfg)
+    return Ranking(i1, s1, i2, s2)

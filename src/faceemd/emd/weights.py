@@ -1,0 +1,138 @@
+"""Patch weightings for the EMD marginals (paper Sec. 2.5, Eq. 6-8) and grid pooling.
+
+Every weighting returns ``(u, v)``: ``u (B, K, R)`` weights of the query patches and
+``v (B, K, R)`` weights of the candidate patches, non-negative and summing to 1 per problem.
+A weight vector that is all zero (e.g. APC when every correlation is negative) falls back to
+uniform, with one warning, so the transport problem stays well posed.
+
+Shapes: query grid ``q (B, R, C)``, candidate grids ``g (B, K, R, C)``, patch cosine matrix
+``sim (B, K, R, R)`` (from :func:`faceemd.emd.sinkhorn.patch_cosine`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "WEIGHTINGS",
+    "compute_weights",
+    "grid_to_patches",
+    "landmark_density",
+    "normalise_weights",
+]
+
+WEIGHTINGS = ("uniform", "apc", "cc", "sc", "sc_official", "lmk")
+
+
+def normalise_weights(w: Tensor) -> Tensor:
+    """Clamp at 0 and scale each vector ``(..., R)`` to sum 1; all-zero rows become uniform."""
+    w = w.float().clamp_min(0.0)
+    total = w.sum(-1, keepdim=True)
+    empty = total <= 0
+    if bool(empty.any()):
+        warnings.warn(
+            f"{int(empty.sum())} patch-weight vector(s) were all zero; using uniform weights "
+            "for them (check the features or the weighting method)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    uniform = torch.full_like(w, 1.0 / w.shape[-1])
+    return torch.where(empty, uniform, w / total.clamp_min(torch.finfo(w.dtype).tiny))
+
+
+def grid_to_patches(grid: Tensor, pool_to: tuple[int, int] | None = None) -> Tensor:
+    """Turn a feature map ``(N, C, H, W)`` into patches ``(N, H'*W', C)``.
+
+    pool_to: optional ``(H', W')`` adaptive-average-pool target (paper Sec. 3.1: 8x8 -> 4x4).
+    Patches are ordered row-major, so patch ``r`` sits at row ``r // W'``, column ``r % W'``.
+    """
+    if grid.dim() != 4:
+        raise ValueError(f"expected a feature map (N, C, H, W), got shape {tuple(grid.shape)}")
+    if pool_to is not None and tuple(pool_to) != tuple(grid.shape[-2:]):
+        grid = F.adaptive_avg_pool2d(grid.float(), tuple(pool_to)).to(grid.dtype)
+    return grid.flatten(2).transpose(1, 2)
+
+
+def landmark_density(
+    landmarks: Tensor, image_size: tuple[int, int], grid_size: tuple[int, int]
+) -> Tensor:
+    """LMK weights: the share of facial landmarks falling in each grid cell (paper Sec. 2.5).
+
+    landmarks: ``(N, L, 2)`` as (x, y) pixels in an image of ``image_size = (H, W)``;
+    points outside the image, or NaN, are ignored. Returns ``(N, gh*gw)`` normalised weights
+    (uniform for an image with no usable landmark).
+    """
+    if landmarks.dim() != 3 or landmarks.shape[-1] != 2:
+        raise ValueError(f"landmarks must be (N, L, 2), got {tuple(landmarks.shape)}")
+    h, w = image_size
+    gh, gw = grid_size
+    x, y = landmarks[..., 0].float(), landmarks[..., 1].float()
+    ok = torch.isfinite(x) & torch.isfinite(y) & (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    col = (x.nan_to_num(0) * gw / w).floor().long().clamp(0, gw - 1)
+    row = (y.nan_to_num(0) * gh / h).floor().long().clamp(0, gh - 1)
+    cell = row * gw + col
+    counts = torch.zeros(landmarks.shape[0], gh * gw, device=landmarks.device)
+    counts.scatter_add_(1, cell, ok.float())
+    return normalise_weights(counts)
+
+
+def compute_weights(
+    method: str,
+    sim: Tensor,
+    query: Tensor,
+    candidates: Tensor,
+    query_embedding: Tensor | None = None,
+    candidate_embedding: Tensor | None = None,
+    query_lmk: Tensor | None = None,
+    candidate_lmk: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Patch weights ``(u (B, K, R), v (B, K, R))`` for one weighting ``method``.
+
+    - ``uniform`` (Eq. 6): ``1 / R``.
+    - ``apc`` (Eq. 7): ``u_i = max(0, <q_i, mean_j g_j>)``, ``v_j = max(0, <g_j, mean_i q_i>)``.
+    - ``cc``: as APC with the other image's final embedding ``(B, D)`` / ``(B, K, D)`` in place of
+      its average-pooled grid vector (needs D = C).
+    - ``sc`` (Eq. 8): ``u_i = max(0, sum_j cos(q_i, g_j))`` and likewise for ``v``.
+    - ``sc_official``: the public code's variant, sums of cosine *distances* ``1 - cos``.
+    - ``lmk``: precomputed per-image landmark densities ``query_lmk (B, R)``,
+      ``candidate_lmk (B, K, R)`` (see :func:`landmark_density`).
+    """
+    b, k, r, _ = sim.shape
+    if method == "uniform":
+        u = sim.new_full((b, k, r), 1.0 / r)
+        v = sim.new_full((b, k, sim.shape[-1]), 1.0 / sim.shape[-1])
+        return u, v
+    if method == "apc":
+        q, g = query.float(), candidates.float()
+        u = torch.einsum("brc,bkc->bkr", q, g.mean(2))
+        v = torch.einsum("bkrc,bc->bkr", g, q.mean(1))
+    elif method == "cc":
+        if query_embedding is None or candidate_embedding is None:
+            raise ValueError("weighting 'cc' needs the query and candidate embeddings")
+        if query_embedding.shape[-1] != query.shape[-1]:
+            raise ValueError(
+                f"weighting 'cc' correlates patches (C={query.shape[-1]}) with embeddings "
+                f"(D={query_embedding.shape[-1]}); it needs D = C: choose 'apc' for this backbone"
+            )
+        q, g = query.float(), candidates.float()
+        u = torch.einsum("brc,bkc->bkr", q, candidate_embedding.float())
+        v = torch.einsum("bkrc,bc->bkr", g, query_embedding.float())
+    elif method == "sc":
+        u, v = sim.sum(-1), sim.sum(-2)
+    elif method == "sc_official":
+        u, v = (1.0 - sim).sum(-1), (1.0 - sim).sum(-2)
+    elif method == "lmk":
+        if query_lmk is None or candidate_lmk is None:
+            raise ValueError(
+                "weighting 'lmk' needs landmarks for query and gallery images "
+                "(configure a landmark source for the dataset)"
+            )
+        u = query_lmk.float().unsqueeze(1).expand(b, k, r)
+        v = candidate_lmk.float()
+    else:
+        raise ValueError(f"unknown weighting {method!r}; choose one of {', '.join(WEIGHTINGS)}")
+    return normalise_weights(u), normalise_weights(v)

@@ -1,0 +1,95 @@
+"""Two-stage ranking: stage-1 against brute force, alpha=0, k edge cases, a planted case."""
+
+import pytest
+import torch
+
+from faceemd.emd import FeatureBank, RerankConfig, stage1_topk, two_stage_rank
+
+
+def _bank(n, d=16, r=4, c=8, seed=0, labels=None):
+    g = torch.Generator().manual_seed(seed)
+    return FeatureBank(
+        embeddings=torch.randn(n, d, generator=g),
+        patches=torch.randn(n, r, c, generator=g),
+        labels=torch.arange(n) if labels is None else labels,
+    )
+
+
+def test_stage1_chunked_matches_brute_force_with_exclusion():
+    q, g = _bank(13, seed=1), _bank(50, seed=2)
+    exclude = torch.full((13,), -1)
+    exclude[:5] = torch.arange(5) * 3
+    s, i = stage1_topk(q.embeddings, g.embeddings, 7, exclude, chunk_size=6, query_batch=4)
+    full = torch.nn.functional.normalize(q.embeddings, dim=1) @ torch.nn.functional.normalize(
+        g.embeddings, dim=1
+    ).T
+    for row in range(13):
+        if exclude[row] >= 0:
+            full[row, exclude[row]] = float("-inf")
+    ref = full.topk(7, dim=1)
+    torch.testing.assert_close(s, ref.values)
+    assert torch.equal(i, ref.indices)
+    assert not bool((i[:5] == exclude[:5, None]).any())
+
+
+def test_alpha_zero_reproduces_stage1_and_k_edge_cases():
+    q, g = _bank(9, seed=3), _bank(30, seed=4)
+    for cfg in (RerankConfig(top_k=10, alpha=0.0), RerankConfig(top_k=0), RerankConfig(top_k=1)):
+        rk = two_stage_rank(q, g, cfg, depth=12)
+        assert torch.equal(rk.stage1_index, rk.stage2_index)
+        assert rk.stage2_index.shape == (9, 12)
+
+
+def test_rest_of_ranking_keeps_stage1_order():
+    q, g = _bank(5, seed=5), _bank(40, seed=6)
+    rk = two_stage_rank(q, g, RerankConfig(top_k=8, alpha=1.0, weighting="uniform"), depth=20)
+    assert torch.equal(rk.stage2_index[:, 8:], rk.stage1_index[:, 8:])
+    assert torch.equal(rk.stage2_index[:, :8].sort(1).values, rk.stage1_index[:, :8].sort(1).values)
+
+
+def test_planted_case_stage2_moves_true_match_to_rank_1():
+    # The query's embedding is closest to a distractor (label 1), but its patches equal those of
+    # the true match (label 0) up to a permutation of patch positions; EMD with uniform weights
+    # is permutation-invariant, so stage 2 must put the true match first.
+    g = torch.Generator().manual_seed(7)
+    patches = torch.randn(4, 9, 32, generator=g)
+    emb = torch.eye(4, 8)
+    query_emb = (emb[1] * 0.9 + emb[0] * 0.4).unsqueeze(0)
+    query_patches = patches[0][torch.randperm(9, generator=g)].unsqueeze(0)
+    gallery = FeatureBank(emb, patches, torch.tensor([0, 1, 2, 3]))
+    query = FeatureBank(query_emb, query_patches, torch.tensor([0]))
+    rk = two_stage_rank(query, gallery, RerankConfig(top_k=4, alpha=0.7, weighting="uniform"))
+    assert int(rk.stage1_index[0, 0]) == 1
+    assert int(rk.stage2_index[0, 0]) == 0
+
+
+def test_sum_blend_and_exact_solver_agree_on_planted_case():
+    g = torch.Generator().manual_seed(8)
+    patches = torch.randn(5, 4, 16, generator=g)
+    emb = torch.randn(5, 8, generator=g)
+    q = FeatureBank(emb[:2] + 0.1, patches[:2] + 0.05, torch.tensor([0, 1]))
+    gal = FeatureBank(emb, patches, torch.arange(5))
+    a = two_stage_rank(q, gal, RerankConfig(top_k=5, blend="sum", solver="exact"))
+    b = two_stage_rank(q, gal, RerankConfig(top_k=5, blend="sum", eps=0.01))
+    assert torch.equal(a.stage2_index[:, 0], b.stage2_index[:, 0])
+
+
+def test_bad_input_messages():
+    q, g = _bank(3), _bank(5)
+    with pytest.raises(ValueError, match="exceeds"):
+        two_stage_rank(q, g, RerankConfig(top_k=6))
+    with pytest.raises(ValueError, match="alpha must be in"):
+        RerankConfig(alpha=1.5)
+    with pytest.raises(ValueError, match="unknown weighting"):
+        RerankConfig(weighting="xyz")
+    bad = _bank(3)
+    bad.embeddings[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/Inf values in 1 row\(s\): 1"):
+        two_stage_rank(bad, g, RerankConfig(top_k=2))
+    with pytest.raises(ValueError, match="patches must be"):
+        FeatureBank(torch.zeros(3, 4), torch.zeros(2, 4, 4), torch.zeros(3))
+    other = FeatureBank(g.embeddings, torch.randn(5, 9, 8), g.labels)
+    with pytest.raises(ValueError, match="extract both with one backbone"):
+        two_stage_rank(q, other, RerankConfig(top_k=2))
+    with pytest.raises(ValueError, match="equal D"):
+        stage1_topk(torch.zeros(2, 3), torch.zeros(4, 5), 1)

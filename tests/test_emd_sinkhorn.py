@@ -1,0 +1,129 @@
+"""Sinkhorn EMD against the exact LP (POT network simplex), invariants and bad input."""
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from faceemd.emd import RerankConfig, exact_emd, pairwise_emd, patch_cosine, sinkhorn
+from faceemd.emd.weights import normalise_weights
+
+
+def _problem(b=3, k=5, r=9, c=16, noise=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, r, c, generator=g)
+    cand = q[:, None] + noise * torch.randn(b, k, r, c, generator=g)
+    cost = 1.0 - patch_cosine(q, cand)
+    u = normalise_weights(torch.rand(b, k, r, generator=g))
+    v = normalise_weights(torch.rand(b, k, r, generator=g))
+    return cost, u, v
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_sinkhorn_matches_exact_lp(log_domain):
+    cost, u, v = _problem()
+    eps = 0.01
+    approx = sinkhorn(cost, u, v, eps=eps, max_iter=3000, tol=1e-6, log_domain=log_domain)
+    exact = exact_emd(cost, u, v)
+    # Entropic OT overestimates the LP by at most eps * log(R * R') (entropy of the plan is
+    # bounded by log(R R')); here that is 0.01 * log(81) = 0.044. In practice it is far closer.
+    bound = eps * math.log(cost.shape[-1] * cost.shape[-2])
+    gap = approx.distance - exact.distance
+    assert bool((gap > -1e-4).all()), "Sinkhorn cost cannot be below the LP optimum"
+    assert bool((gap < bound).all())
+    assert_close(approx.distance, exact.distance, atol=1e-2, rtol=0)
+
+
+def test_default_eps_preserves_exact_ranking():
+    cost, u, v = _problem(b=4, k=20, r=16, noise=0.8, seed=1)
+    approx = sinkhorn(cost, u, v, eps=0.05, max_iter=500, tol=1e-5)
+    exact = exact_emd(cost, u, v)
+    # Ranking candidates is what stage 2 uses: the top candidate must agree.
+    assert torch.equal(approx.distance.argmin(1), exact.distance.argmin(1))
+
+
+def test_identical_grids_zero_distance_diagonal_flow():
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 16, 32, generator=g)
+    cost = (1.0 - patch_cosine(q, q[:, None])).clamp_min(0)
+    u = torch.full((2, 1, 16), 1 / 16)
+    res = sinkhorn(cost, u, u, eps=0.01, max_iter=2000, tol=1e-7, return_flow=True)
+    assert_close(res.distance, torch.zeros(2, 1), atol=5e-3, rtol=0)
+    diag = res.flow.diagonal(dim1=-2, dim2=-1).sum(-1)
+    assert bool((diag > 0.95).all())
+    ex = exact_emd(cost, u, u, return_flow=True)
+    assert_close(ex.flow, torch.diag_embed(u), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("log_domain", [False, True])
+def test_marginals_match_weights(log_domain):
+    cost, u, v = _problem(seed=3)
+    res = sinkhorn(cost, u, v, tol=1e-6, max_iter=2000, log_domain=log_domain, return_flow=True)
+    assert_close(res.flow.sum(-1), u, atol=1e-5, rtol=0)
+    assert_close(res.flow.sum(-2), v, atol=1e-5, rtol=0)
+    assert bool((res.marginal_error <= 1e-5).all())
+    assert_close(res.similarity, 1.0 - res.distance, atol=1e-5, rtol=0)
+
+
+def test_permuting_patches_leaves_distance_unchanged():
+    cost, u, v = _problem(seed=4)
+    pi, pj = torch.randperm(9), torch.randperm(9)
+    a = sinkhorn(cost, u, v, tol=1e-7, max_iter=2000)
+    b = sinkhorn(cost[..., pi, :][..., pj], u[..., pi], v[..., pj], tol=1e-7, max_iter=2000)
+    assert_close(a.distance, b.distance, atol=1e-5, rtol=0)
+
+
+def test_batched_equals_looped():
+    cost, u, v = _problem(b=2, k=4, seed=5)
+    batched = sinkhorn(cost, u, v, tol=1e-6, max_iter=1000)
+    for i in range(2):
+        for j in range(4):
+            one = sinkhorn(cost[i, j], u[i, j], v[i, j], tol=1e-6, max_iter=1000)
+            assert_close(batched.distance[i, j], one.distance, atol=1e-6, rtol=0)
+
+
+def test_zero_weight_patches_and_all_zero_vectors_stay_finite():
+    cost, u, v = _problem(seed=6)
+    u = u.clone()
+    u[..., :4] = 0
+    u = u / u.sum(-1, keepdim=True)
+    for log_domain in (False, True):
+        res = sinkhorn(cost, u, v, log_domain=log_domain, return_flow=True)
+        assert bool(torch.isfinite(res.distance).all())
+        assert float(res.flow[..., :4, :].abs().max()) < 1e-6
+    with pytest.warns(RuntimeWarning, match="all zero"):
+        w = normalise_weights(torch.zeros(2, 5))
+    assert_close(w, torch.full((2, 5), 0.2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 16, 64, generator=g)
+    cand = q[:, None] + 0.5 * torch.randn(2, 6, 16, 64, generator=g)
+    cfg = RerankConfig(weighting="apc")
+    ref, _, _ = pairwise_emd(q, cand, cfg)
+    low, _, _ = pairwise_emd(q.to(dtype), cand.to(dtype), cfg)
+    assert low.distance.dtype == torch.float32
+    assert bool(torch.isfinite(low.distance).all())
+    assert_close(low.distance, ref.distance, atol=2e-2, rtol=0)
+
+
+def test_convergence_is_per_problem():
+    cost, u, v = _problem(b=1, k=2, seed=8)
+    # One easy problem (uniform identical weights on a near-diagonal cost) and one hard one.
+    res = sinkhorn(cost, u, v, eps=0.05, tol=1e-5, max_iter=500, check_every=5)
+    assert res.iterations.shape == (1, 2)
+    assert bool((res.iterations <= 500).all())
+    assert bool((res.marginal_error <= 1e-5).all())
+
+
+def test_bad_input():
+    cost, u, v = _problem()
+    with pytest.raises(ValueError, match="weights do not match"):
+        sinkhorn(cost, u[..., :-1], v)
+    with pytest.raises(ValueError, match="eps must be"):
+        sinkhorn(cost, u, v, eps=0)
+    with pytest.raises(ValueError, match="disagree"):
+        pairwise_emd(torch.randn(2, 4, 8), torch.randn(2, 3, 4, 9), RerankConfig())

@@ -1,0 +1,90 @@
+"""Patch weightings (paper Eq. 6-8, LMK) on hand-computed tiny cases."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from faceemd.emd import WEIGHTINGS, compute_weights, grid_to_patches, landmark_density, patch_cosine
+
+# Query: 2 patches in 2-D; one candidate with 2 patches.
+Q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (B=1, R=2, C=2)
+G = torch.tensor([[[[3.0, 0.0], [-1.0, -1.0]]]])  # (B=1, K=1, R=2, C=2)
+SIM = patch_cosine(Q, G)  # cos: q0-g0 = 1, q0-g1 = -1/sqrt2, q1-g0 = 0, q1-g1 = -1/sqrt2
+
+
+def test_uniform():
+    u, v = compute_weights("uniform", SIM, Q, G)
+    assert_close(u, torch.full((1, 1, 2), 0.5))
+    assert_close(v, torch.full((1, 1, 2), 0.5))
+
+
+def test_apc_hand_computed():
+    # mean(G) = (1, -0.5): <q0, .> = 1, <q1, .> = -1 -> clamp 0 -> u = (1, 0)
+    # mean(Q) = (0.5, 1): <g0, .> = 1.5, <g1, .> = -1.5 -> v = (1, 0)
+    u, v = compute_weights("apc", SIM, Q, G)
+    assert_close(u, torch.tensor([[[1.0, 0.0]]]))
+    assert_close(v, torch.tensor([[[1.0, 0.0]]]))
+
+
+def test_cc_uses_embeddings():
+    qe = torch.tensor([[1.0, 1.0]])
+    ge = torch.tensor([[[0.0, 1.0]]])
+    # u_i = <q_i, ge> = (0, 2) -> (0, 1); v_j = <g_j, qe> = (3, -2) -> (1, 0)
+    u, v = compute_weights("cc", SIM, Q, G, qe, ge)
+    assert_close(u, torch.tensor([[[0.0, 1.0]]]))
+    assert_close(v, torch.tensor([[[1.0, 0.0]]]))
+    with pytest.raises(ValueError, match="D = C"):
+        compute_weights("cc", SIM, Q, G, torch.ones(1, 3), torch.ones(1, 1, 3))
+
+
+def test_sc_and_official_variant():
+    s = 2**-0.5
+    u, v = compute_weights("sc", SIM, Q, G)
+    # row sums: 1 - s = 0.2929, -s -> 0; column sums: 1, -2s -> 0
+    assert_close(u, torch.tensor([[[1.0, 0.0]]]))
+    assert_close(v, torch.tensor([[[1.0, 0.0]]]))
+    u, v = compute_weights("sc_official", SIM, Q, G)
+    # distance row sums: (0 + 1 + s, 1 + 1 + s); column sums: (0 + 1, 2 + 2s)
+    ru = torch.tensor([1 + s, 2 + s])
+    rv = torch.tensor([1.0, 2 + 2 * s])
+    assert_close(u, (ru / ru.sum()).view(1, 1, 2))
+    assert_close(v, (rv / rv.sum()).view(1, 1, 2))
+
+
+def test_landmark_density_counts_points_per_cell():
+    # 4x4 image, 2x2 grid: three points in the top-left cell, one bottom-right, one outside.
+    pts = torch.tensor([[[0.5, 0.5], [1.0, 1.9], [1.9, 0.0], [3.0, 3.0], [9.0, 9.0]]])
+    w = landmark_density(pts, (4, 4), (2, 2))
+    assert_close(w, torch.tensor([[0.75, 0.0, 0.0, 0.25]]))
+    u, v = compute_weights("lmk", SIM, Q, G, query_lmk=torch.tensor([[0.25, 0.75]]),
+                           candidate_lmk=torch.tensor([[[0.5, 0.5]]]))
+    assert_close(u, torch.tensor([[[0.25, 0.75]]]))
+    assert_close(v, torch.tensor([[[0.5, 0.5]]]))
+
+
+@pytest.mark.parametrize("method", [m for m in WEIGHTINGS if m not in ("cc", "lmk")])
+def test_random_weights_nonnegative_and_normalised(method):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 16, 8, generator=g)
+    c = torch.randn(3, 4, 16, 8, generator=g)
+    u, v = compute_weights(method, patch_cosine(q, c), q, c)
+    for w in (u, v):
+        assert w.shape == (3, 4, 16)
+        assert bool((w >= 0).all())
+        assert_close(w.sum(-1), torch.ones(3, 4))
+
+
+def test_grid_pooling_8x8_to_4x4():
+    grid = torch.arange(64.0).view(1, 1, 8, 8)
+    patches = grid_to_patches(grid, (4, 4))
+    assert patches.shape == (1, 16, 1)
+    # first 4x4 cell averages rows 0-1, cols 0-1: (0 + 1 + 8 + 9) / 4
+    assert float(patches[0, 0, 0]) == pytest.approx(4.5)
+    assert grid_to_patches(grid).shape == (1, 64, 1)
+    with pytest.raises(ValueError, match="feature map"):
+        grid_to_patches(torch.zeros(3, 4))
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown weighting"):
+        compute_weights("nope", SIM, Q, G)

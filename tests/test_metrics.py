@@ -1,0 +1,91 @@
+"""Identification metrics against a brute-force numpy reference over the full gallery."""
+
+import numpy as np
+import pytest
+import torch
+
+from faceemd.emd import stage1_topk
+from faceemd.metrics import (
+    IdentificationMetrics,
+    hits_from_ranking,
+    identification_metrics,
+    relevant_counts,
+)
+
+
+def _reference(sim, q_labels, g_labels, exclude):
+    """Full-sort reference: P@1, RP, MAP@R per Musgrave et al., R = 0 queries skipped."""
+    p1, rp, mapr, skipped = [], [], [], 0
+    for i in range(sim.shape[0]):
+        s = sim[i].copy()
+        keep = np.ones(len(g_labels), bool)
+        if exclude[i] >= 0:
+            keep[exclude[i]] = False
+        order = [j for j in np.argsort(-s, kind="stable") if keep[j]]
+        rel = np.array([g_labels[j] == q_labels[i] for j in order])
+        r = int(rel.sum())
+        if r == 0:
+            skipped += 1
+            continue
+        p1.append(float(rel[0]))
+        rp.append(rel[:r].sum() / r)
+        prec = np.cumsum(rel[:r]) / np.arange(1, r + 1)
+        mapr.append(float((prec * rel[:r]).sum() / r))
+    return np.mean(p1), np.mean(rp), np.mean(mapr), skipped
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_bruteforce_with_self_exclusion(seed):
+    rng = np.random.default_rng(seed)
+    n = 60
+    labels = torch.from_numpy(rng.integers(0, 15, n))
+    emb = torch.from_numpy(rng.standard_normal((n, 8))).float()
+    exclude = torch.arange(n)  # query i is gallery item i
+    r = relevant_counts(labels, labels, exclude)
+    depth = int(r.max())
+    _, idx = stage1_topk(emb, emb, depth, exclude, chunk_size=7)
+    got = identification_metrics(hits_from_ranking(idx, labels, labels), r)
+    en = torch.nn.functional.normalize(emb, dim=1)
+    ref = _reference((en @ en.T).numpy(), labels.numpy(), labels.numpy(), exclude.numpy())
+    assert got["p_at_1"] == pytest.approx(ref[0], abs=1e-9)
+    assert got["r_precision"] == pytest.approx(ref[1], abs=1e-9)
+    assert got["map_at_r"] == pytest.approx(ref[2], abs=1e-9)
+    assert got["num_excluded"] == ref[3]
+    assert got["num_queries"] == n - ref[3]
+
+
+def test_hand_computed_case_and_r_zero():
+    # query 0 (label 0): ranking labels [1, 0, 0]; R = 2 -> P@1 0, RP 1/2, MAP@R (1/2)/2 = 0.25
+    # query 1 (label 5): no relevant item -> excluded
+    g_labels = torch.tensor([1, 0, 0, 2])
+    q_labels = torch.tensor([0, 5])
+    idx = torch.tensor([[0, 1, 2], [3, 2, 1]])
+    r = relevant_counts(q_labels, g_labels)
+    assert r.tolist() == [2, 0]
+    out = identification_metrics(
+        hits_from_ranking(idx, q_labels, g_labels), r, hits_from_ranking(idx, q_labels, g_labels), 2
+    )
+    assert out["p_at_1"] == 0.0
+    assert out["r_precision"] == 0.5
+    assert out["map_at_r"] == 0.25
+    assert out["max_precision_at_k"] == 1.0
+    assert out["num_excluded"] == 1
+
+
+def test_torchmetrics_wrapper_accumulates_batches():
+    rng = np.random.default_rng(3)
+    hits = torch.from_numpy(rng.random((20, 6)) > 0.5)
+    r = torch.from_numpy(rng.integers(0, 6, 20))
+    metric = IdentificationMetrics()
+    metric.update(hits[:7], r[:7])
+    metric.update(hits[7:], r[7:])
+    got = metric.compute()
+    ref = identification_metrics(hits, r)
+    for key in ("p_at_1", "r_precision", "map_at_r"):
+        assert float(got[key]) == pytest.approx(ref[key], abs=1e-9)
+    assert int(got["num_excluded"]) == ref["num_excluded"]
+
+
+def test_too_shallow_ranking_is_an_error():
+    with pytest.raises(ValueError, match="rank at least"):
+        identification_metrics(torch.ones(2, 2, dtype=torch.bool), torch.tensor([3, 1]))
