@@ -1,0 +1,1 @@
+"""Face recognition backbones, checkpoint loading and the Lightning feature extractor."""

@@ -1,0 +1,16 @@
+"""The four backbones of the paper and the real MobileFaceNet, one module each."""
+
+from faceemd.models.backbones.arcface_resnet import ArcFaceResNet18
+from faceemd.models.backbones.base import BackboneOutput, FaceBackbone
+from faceemd.models.backbones.facenet import InceptionResnetV1
+from faceemd.models.backbones.mobilefacenet import MobileFaceNet
+from faceemd.models.backbones.sphereface import SphereFace20
+
+__all__ = [
+    "ArcFaceResNet18",
+    "BackboneOutput",
+    "FaceBackbone",
+    "InceptionResnetV1",
+    "MobileFaceNet",
+    "SphereFace20",
+]

@@ -1,0 +1,31 @@
+"""What every backbone returns: the embedding for stage 1 and the spatial grid for stage 2."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+
+class BackboneOutput(NamedTuple):
+    """embedding ``(N, D)``; grid ``(N, C, H, W)`` (last conv feature map); pooled ``(N, C)``
+    (the grid's global average, used by APC weighting)."""
+
+    embedding: Tensor
+    grid: Tensor
+    pooled: Tensor
+
+
+class FaceBackbone(nn.Module):
+    """Base class: subclasses implement ``features(x) -> (grid, embedding)``.
+
+    Module attribute names follow the public checkpoints exactly, so their state dicts load
+    strictly (see :mod:`faceemd.models.checkpoint`).
+    """
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> BackboneOutput:
+        grid, embedding = self.features(x)
+        return BackboneOutput(embedding, grid, grid.mean(dim=(2, 3)))
