@@ -10,6 +10,7 @@ can be computed from the returned rankings alone.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,8 @@ class RerankConfig:
     cost_dtype: precision of the patch-cosine matrix product (``'float32'`` or ``'bfloat16'``).
     query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats).
     chunk_size: gallery items per stage-1 step.
+    grid: optional ``(H', W')`` the patch grids are pooled to at extraction (paper: 8x8 or 4x4);
+    None keeps the backbone's native grid.
     """
 
     top_k: int = 100
@@ -61,8 +64,13 @@ class RerankConfig:
     cost_dtype: str = "float32"
     query_batch: int = 64
     chunk_size: int = 16384
+    grid: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.grid is not None:
+            self.grid = tuple(int(g) for g in self.grid)
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ValueError(f"grid must be [H, W] with H, W >= 1, got {self.grid}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.blend not in ("linear", "sum"):
@@ -125,12 +133,15 @@ class Ranking:
     stage1_index / stage2_index: ``(Q, depth)`` gallery row indices, best first.
     stage1_score / stage2_score: ``(Q, depth)`` the scores they were sorted by (stage 2 holds
     blended scores in its first ``top_k`` columns and cosine after).
+    stage1_seconds / stage2_seconds: wall time of each stage.
     """
 
     stage1_index: Tensor
     stage1_score: Tensor
     stage2_index: Tensor
     stage2_score: Tensor
+    stage1_seconds: float = 0.0
+    stage2_seconds: float = 0.0
 
 
 def check_finite(name: str, x: Tensor) -> None:
@@ -311,8 +322,10 @@ def two_stage_rank(
                 f"{tuple(gallery.patches.shape[1:])} differ: extract both with one backbone/grid"
             )
     depth = max(cfg.top_k, depth or 0, 1)
+    t0 = time.perf_counter()
     s1, i1 = stage1_topk(
         query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
     )
+    t1 = time.perf_counter()
     s2, i2 = stage2_rerank(query, gallery, s1, i1, cfg)
-    return Ranking(i1, s1, i2, s2)
+    return Ranking(i1, s1, i2, s2, t1 - t0, time.perf_counter() - t1)

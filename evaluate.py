@@ -1,0 +1,25 @@
+"""DeepFace-EMD evaluation: ``python evaluate.py [group=option ...] [-m for sweeps]``.
+
+Composes ``conf/evaluate.yaml``; all logic lives in :mod:`faceemd.evaluation`.
+Returns the configured ``optimized_metric`` so Hydra sweepers can optimise it.
+"""
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from faceemd.evaluation import run_evaluation  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float | None:
+    results = run_evaluation(cfg)
+    metric = cfg.get("optimized_metric")
+    return None if metric is None else float(results[metric])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Face image sets, occluded-query generators and the identification datamodule."""

@@ -1,0 +1,106 @@
+"""Identification datamodule: a query set and a gallery set, prepared for one backbone.
+
+``query`` and ``gallery`` are any face sets whose items are ``(image, identity name,
+landmarks)`` (:mod:`faceemd.data.synthetic`, :mod:`faceemd.data.folders`). With
+``gallery=None`` the query set is its own gallery and each query's own image is excluded from
+its ranking (LFW protocol). Identity names of both sets share one integer vocabulary.
+Loaders yield dicts ``image (B, C, h, w)``, ``label (B,)``, ``index (B,)`` (position in its set),
+``landmarks (B, 68, 2)`` (NaN where unknown) and ``skipped`` (bad images dropped from the batch).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from faceemd.data.transforms import FaceInput
+
+__all__ = ["IdentificationDataModule"]
+
+
+class _Prepared(Dataset):
+    """Applies the backbone input transform and the shared label vocabulary to a face set."""
+
+    def __init__(self, faces, face_input: FaceInput, vocab: dict[str, int]) -> None:
+        self.faces = faces
+        self.face_input = face_input
+        self.vocab = vocab
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index: int):
+        item = self.faces[index]
+        if item is None:
+            return None
+        image, name, lmk = item
+        x, lmk = self.face_input(image, np.asarray(lmk, np.float32))
+        return {
+            "image": x,
+            "label": self.vocab[name],
+            "index": index,
+            "landmarks": torch.from_numpy(np.ascontiguousarray(lmk, np.float32)),
+        }
+
+
+def _collate(items):
+    kept = [it for it in items if it is not None]
+    batch = torch.utils.data.default_collate(kept) if kept else {}
+    batch["skipped"] = len(items) - len(kept)
+    return batch
+
+
+class IdentificationDataModule(L.LightningDataModule):
+    """Query and gallery loaders (test/validation/predict: ``[query, gallery]``).
+
+    face_input: the backbone's input spec (set by the entry point from the backbone config).
+    same_images: true when the gallery is the query set itself (``gallery=None``).
+    """
+
+    def __init__(
+        self,
+        query,
+        gallery=None,
+        face_input: FaceInput | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.query = query
+        self.gallery = gallery
+        self.face_input = face_input
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.vocab: dict[str, int] = {}
+
+    @property
+    def same_images(self) -> bool:
+        return self.gallery is None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.face_input is None:
+            raise ValueError("IdentificationDataModule needs face_input (the backbone's input spec)")
+        names = set(self.query.label_names())
+        if self.gallery is not None:
+            names |= set(self.gallery.label_names())
+        self.vocab = {name: i for i, name in enumerate(sorted(names))}
+
+    def _loader(self, faces) -> DataLoader:
+        return DataLoader(
+            _Prepared(faces, self.face_input, self.vocab),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            shuffle=False,
+            collate_fn=_collate,
+        )
+
+    def test_dataloader(self) -> list[DataLoader]:
+        loaders = [self._loader(self.query)]
+        if self.gallery is not None:
+            loaders.append(self._loader(self.gallery))
+        return loaders
+
+    val_dataloader = test_dataloader
+    predict_dataloader = test_dataloader

@@ -1,0 +1,152 @@
+"""Face image sets on disk: LFW-style identity folders and ``relpath,label`` image lists.
+
+Items are ``(image uint8 (H, W) or (H, W, 3), identity name, landmarks (68, 2) or NaN)``.
+Landmarks come from a ``landmarks68.tsv`` beside the images when one exists (format in
+``shared/data/README.md``: ``relpath<TAB>x0<TAB>y0...``), else NaN. An unreadable image raises
+:class:`BadImageError` naming the file, or yields ``None`` when ``on_bad_image='skip'`` so that
+the loader drops it and counts it (never a silently wrong label).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = ["BadImageError", "ImageFolderFaces", "ImageListFaces", "read_image", "read_landmarks"]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class BadImageError(ValueError):
+    """An image file is missing or cannot be decoded."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Decode ``path`` to uint8 ``(H, W)`` (grayscale) or ``(H, W, 3)`` RGB."""
+    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if data is None:
+        reason = "missing" if not path.exists() else "cannot be decoded (corrupt or not an image)"
+        raise BadImageError(
+            f"image {path} {reason}; fix or remove it, or set data.on_bad_image=skip to skip it"
+        )
+    if data.dtype != np.uint8:
+        data = cv2.normalize(data, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[..., 0]
+    if data.ndim == 3:
+        code = cv2.COLOR_BGRA2RGB if data.shape[2] == 4 else cv2.COLOR_BGR2RGB
+        data = cv2.cvtColor(data, code)
+    return data
+
+
+def read_landmarks(tsv: Path) -> dict[str, np.ndarray]:
+    """``relpath -> (68, 2)`` from a landmarks TSV (no header, x/y pairs after the path)."""
+    out = {}
+    with open(tsv, newline="") as fh:
+        for line_no, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
+            if not row:
+                continue
+            values = np.asarray(row[1:], dtype=np.float32)
+            if values.size % 2:
+                raise ValueError(f"{tsv}:{line_no}: odd number of coordinates ({values.size})")
+            out[row[0]] = values.reshape(-1, 2)
+    return out
+
+
+class _FileFaces:
+    """Shared item loading for file-backed sets: ``self.files``, ``self.labels``, landmarks."""
+
+    def __init__(self, root: str | Path, on_bad_image: str, landmarks: str | None) -> None:
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.on_bad_image = on_bad_image
+        tsv = self.root / "landmarks68.tsv" if landmarks is None else Path(landmarks)
+        self.landmarks = read_landmarks(tsv) if tsv.is_file() else {}
+        self.files: list[str] = []
+        self.labels: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def label_names(self) -> list[str]:
+        return list(self.labels)
+
+    def __getitem__(self, index: int):
+        rel = self.files[index]
+        try:
+            image = read_image(self.root / rel)
+        except BadImageError:
+            if self.on_bad_image == "skip":
+                return None
+            raise
+        lmk = self.landmarks.get(rel)
+        if lmk is None:
+            lmk = np.full((68, 2), np.nan, np.float32)
+        return image, self.labels[index], lmk
+
+
+class ImageFolderFaces(_FileFaces):
+    """LFW layout ``root/<Name>/<Name>_NNNN.jpg``; the label is the folder name.
+
+    min_images_per_identity: drop identities with fewer images (LFW protocol: 2). An identity
+    folder with no image is reported, not silently used.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        min_images_per_identity: int = 1,
+        on_bad_image: str = "error",
+        landmarks: str | None = None,
+    ) -> None:
+        super().__init__(root, on_bad_image, landmarks)
+        empty = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            images = sorted(
+                p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not images:
+                empty.append(folder.name)
+                continue
+            if len(images) < min_images_per_identity:
+                continue
+            self.files += [f"{folder.name}/{name}" for name in images]
+            self.labels += [folder.name] * len(images)
+        self.empty_identities = empty
+        if not self.files:
+            raise ValueError(
+                f"no identity folder with >= {min_images_per_identity} image(s) under {self.root}"
+                + (f" ({len(empty)} empty folders, e.g. {empty[0]})" if empty else "")
+            )
+
+
+class ImageListFaces(_FileFaces):
+    """Public DeepFace-EMD ``data_files`` layout: lines ``relpath,label`` under ``root``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        list_file: str | Path,
+        on_bad_image: str = "error",
+        landmarks: str | None = None,
+    ) -> None:
+        super().__init__(root, on_bad_image, landmarks)
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise FileNotFoundError(f"image list not found: {list_file}")
+        with open(list_file, newline="") as fh:
+            for line_no, row in enumerate(csv.reader(fh), 1):
+                if not row or not row[0].strip():
+                    continue
+                if len(row) != 2:
+                    raise ValueError(f"{list_file}:{line_no}: expected 'relpath,label', got {row}")
+                self.files.append(row[0].strip())
+                self.labels.append(row[1].strip())
+        if not self.files:
+            raise ValueError(f"image list {list_file} is empty")

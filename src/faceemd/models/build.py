@@ -1,0 +1,25 @@
+"""Build a backbone from its config group (``conf/backbone/*.yaml``)."""
+
+from __future__ import annotations
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from faceemd.data.transforms import FaceInput
+from faceemd.models.checkpoint import load_backbone_weights
+
+__all__ = ["build_backbone", "build_face_input"]
+
+
+def build_backbone(cfg: DictConfig):
+    """Instantiate ``cfg.net`` and, when ``cfg.weights`` is set, load it strictly."""
+    net = instantiate(cfg.net)
+    if cfg.get("weights"):
+        load_backbone_weights(net, cfg.weights, ignore_keys=list(cfg.get("ignore_keys") or []))
+    return net.eval()
+
+
+def build_face_input(cfg: DictConfig) -> FaceInput:
+    """The input spec (size, channels, normalisation) declared in the backbone config."""
+    spec = cfg.input
+    return FaceInput(size=spec.size, channels=spec.channels, mean=spec.mean, std=spec.std)

@@ -1,0 +1,44 @@
+"""Shared fixtures: Hydra composition of the project's configs, paths to ../shared data."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MOBILEFACENET = SHARED / "weights" / "mobilefacenet_casia_068.ckpt"
+LFW_112 = SHARED / "data" / "lfw" / "align-112x96"
+
+
+@pytest.fixture
+def compose_evaluate(tmp_path):
+    """compose(overrides) -> the evaluate config with Hydra's runtime fields set."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _compose(overrides=()):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("evaluate", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+            cfg.hydra.runtime.cwd = str(ROOT)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+needs_shared_weights = pytest.mark.skipif(
+    not (MOBILEFACENET.is_file() and LFW_112.is_dir()),
+    reason="../shared (real LFW faces and MobileFaceNet weights) is not present",
+)
