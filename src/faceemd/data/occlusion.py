@@ -21,17 +21,22 @@ _MASK_SHADES = {"surgical": (200, 235), "cloth": (40, 120), "n95": (225, 250)}
 
 
 def overlay_mask(image: np.ndarray, lmk: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Draw a face mask over nose and mouth: jaw points 1-15 up to the nose bridge (point 29)."""
+    """Draw a face mask (surgical, cloth or N95-like) over nose and mouth, from jaw points 1-15
+    up to the nose bridge (point 29)."""
     out = image.copy()
     kind = rng.choice(list(_MASK_SHADES))
     lo, hi = _MASK_SHADES[kind]
     shade = int(rng.integers(lo, hi))
     jaw = lmk[1:16]
-    bridge_y = lmk[28, 1]
-    left_top = np.array([lmk[1, 0], bridge_y])
-    right_top = np.array([lmk[15, 0], bridge_y])
-    top = [left_top, lmk[28] + [0, -2.0], right_top] if kind == "n95" else [left_top, right_top]
+    # Top edge through the nose bridge (point 29), parallel to the line between the eyes.
+    eyes = lmk[42:48].mean(0) - lmk[36:42].mean(0)
+    along = eyes / max(float(np.linalg.norm(eyes)), 1e-6)
+    bridge = lmk[29]
+    left_top = bridge + along * float((lmk[1] - bridge) @ along)
+    right_top = bridge + along * float((lmk[15] - bridge) @ along)
+    top = [left_top, lmk[28], right_top] if kind == "n95" else [left_top, right_top]
     poly = np.vstack([np.asarray(top, float), jaw[::-1]]).round().astype(np.int32)
+    bridge_y = bridge[1]
     colour = (shade,) * (3 if out.ndim == 3 else 1)
     cv2.fillPoly(out, [poly], colour, lineType=cv2.LINE_AA)
     if kind == "surgical":  # pleats
