@@ -62,7 +62,7 @@ class RerankConfig:
     check_every: int = 10
     log_domain: bool = False
     cost_dtype: str = "float32"
-    query_batch: int = 64
+    query_batch: int = 2
     chunk_size: int = 16384
     grid: tuple[int, int] | None = None
 
@@ -210,9 +210,13 @@ def pairwise_emd(
     query_lmk: Tensor | None = None,
     candidate_lmk: Tensor | None = None,
     return_flow: bool = False,
+    candidate_norms: Tensor | None = None,
+    candidate_pooled: Tensor | None = None,
 ) -> tuple[EMDResult, Tensor, Tensor]:
     """EMD between each query ``(B, R, C)`` and its candidates ``(B, K, R, C)``.
 
+    candidate_norms ``(B, K, R)`` and candidate_pooled ``(B, K, C)``: optional per-gallery
+    precomputations (patch L2 norms, patch means) that spare passes over the candidates.
     Returns ``(result, u, v)``: the :class:`EMDResult` over ``(B, K)`` and the weights used,
     ``u, v (B, K, R)``.
     """
@@ -229,7 +233,7 @@ def pairwise_emd(
             f"query patches {tuple(query_patches.shape)} and candidates "
             f"{tuple(candidate_patches.shape)} disagree on batch size or channels"
         )
-    sim = patch_cosine(query_patches, candidate_patches, _DTYPES[cfg.cost_dtype])
+    sim = patch_cosine(query_patches, candidate_patches, _DTYPES[cfg.cost_dtype], candidate_norms)
     u, v = compute_weights(
         cfg.weighting,
         sim,
@@ -239,6 +243,7 @@ def pairwise_emd(
         candidate_embedding,
         query_lmk,
         candidate_lmk,
+        candidate_pooled,
     )
     cost = (1.0 - sim).clamp_(0.0, 2.0)
     if cfg.solver == "exact":
@@ -273,6 +278,7 @@ def stage2_rerank(
     k = min(cfg.top_k, stage1_index.shape[1])
     if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0):
         return stage1_score.clone(), stage1_index.clone()
+    norms, pooled = _gallery_summaries(gallery.patches, cfg.chunk_size)
     scores, indices = [], []
     for q0 in range(0, len(query), cfg.query_batch):
         q1 = min(q0 + cfg.query_batch, len(query))
@@ -286,6 +292,8 @@ def stage2_rerank(
             gallery.embeddings[cand],
             None if query.lmk is None else query.lmk[q0:q1],
             None if gallery.lmk is None else gallery.lmk[cand],
+            candidate_norms=norms[cand],
+            candidate_pooled=pooled[cand],
         )
         emd_sim = result.similarity
         if cfg.blend == "linear":
@@ -296,6 +304,17 @@ def stage2_rerank(
         scores.append(torch.cat([blended.gather(1, order), stage1_score[q0:q1, k:]], 1))
         indices.append(torch.cat([cand.gather(1, order), stage1_index[q0:q1, k:]], 1))
     return torch.cat(scores), torch.cat(indices)
+
+
+def _gallery_summaries(patches: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Per-gallery-item patch norms ``(G, R)`` and patch means ``(G, C)``, computed once in
+    chunks (each gallery item is a candidate of many queries)."""
+    norms, means = [], []
+    for g0 in range(0, patches.shape[0], chunk_size):
+        chunk = patches[g0 : g0 + chunk_size].float()
+        norms.append(torch.linalg.vector_norm(chunk, dim=-1))
+        means.append(chunk.mean(1))
+    return torch.cat(norms), torch.cat(means)
 
 
 def two_stage_rank(

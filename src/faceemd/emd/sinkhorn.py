@@ -49,19 +49,34 @@ class EMDResult:
     marginal_error: Tensor
 
 
-def patch_cosine(query: Tensor, candidates: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def patch_cosine(
+    query: Tensor,
+    candidates: Tensor,
+    dtype: torch.dtype | None = None,
+    candidate_norms: Tensor | None = None,
+) -> Tensor:
     """Cosine similarity between every query patch and every candidate patch (Eq. 5).
 
     query: ``(B, R, C)``; candidates: ``(B, K, R', C)``. Returns ``(B, K, R, R')`` in float32.
     ``dtype`` (e.g. ``torch.bfloat16``) is the precision of the matrix product only; the
-    normalisation is done in float32 first and the result is returned in float32.
+    normalisation is done in float32 and the result is returned in float32.
+    candidate_norms: optional precomputed L2 norms ``(B, K, R')`` of the candidate patches; with
+    them the candidates are used as they are and the product is divided afterwards, which saves
+    a normalisation pass over ``(B, K, R', C)`` (the costliest memory pass of stage 2).
     """
     q = torch.nn.functional.normalize(query.float(), dim=-1)
-    g = torch.nn.functional.normalize(candidates.float(), dim=-1)
-    if dtype is not None and dtype != torch.float32:
-        q, g = q.to(dtype), g.to(dtype)
-    # (B, 1, R, C) @ (B, K, C, R') -> (B, K, R, R')
-    return torch.matmul(q.unsqueeze(1), g.transpose(-1, -2)).float()
+    g = candidates if candidate_norms is not None else torch.nn.functional.normalize(
+        candidates.float(), dim=-1
+    )
+    dtype = dtype or torch.float32
+    q, g = q.to(dtype), g.to(dtype)
+    b, k, r2, c = g.shape
+    # One (R, C) x (C, K*R') product per query: (B, R, K*R') -> (B, K, R, R').
+    flat = torch.bmm(q, g.reshape(b, k * r2, c).transpose(1, 2))
+    sim = flat.view(b, q.shape[1], k, r2).transpose(1, 2).float()
+    if candidate_norms is not None:
+        sim = sim / candidate_norms.float().clamp_min(1e-12).unsqueeze(-2)
+    return sim
 
 
 def sinkhorn(
@@ -109,36 +124,46 @@ def sinkhorn(
 
 
 def _sinkhorn_mult(cost, u, v, eps, max_iter, tol, check_every):
-    """Multiplicative Sinkhorn; returns (flow, iterations, marginal error)."""
+    """Multiplicative Sinkhorn; returns (flow, iterations, marginal error).
+
+    Problems are flattened to ``(N, R, R')``. Matrix-vector products are written as row
+    vector times matrix (``bmm((N, 1, R'), (N, R', R))``), which runs 2-4x faster on CPU than
+    matrix times column. At every check the problems that converged are dropped from the
+    working set, so the remaining iterations only touch the unconverged ones.
+    """
+    batch, (r1, r2) = cost.shape[:-2], cost.shape[-2:]
+    c = cost.reshape(-1, r1, r2)
+    u_all, v_all = u.reshape(-1, r1), v.reshape(-1, r2)
     # Shift by the per-problem minimum: the plan is invariant to a constant added to the cost,
     # and the largest kernel entry becomes exactly 1.
-    shifted = cost - cost.amin(dim=(-1, -2), keepdim=True)
-    kernel = torch.exp(shifted / -eps)  # (..., R, R')
-    kernel_t = kernel.transpose(-1, -2)
+    kernel = torch.exp((c - c.amin(dim=(-1, -2), keepdim=True)) / -eps)  # (N, R, R')
+    kernel_t = kernel.transpose(1, 2).contiguous()  # (N, R', R)
     tiny = torch.finfo(torch.float32).tiny
-    b = torch.ones_like(v)
-    a = torch.ones_like(u)
-    active = torch.ones(cost.shape[:-2], dtype=torch.bool, device=cost.device)
-    iters = torch.zeros(cost.shape[:-2], dtype=torch.int32, device=cost.device)
+    n = c.shape[0]
+    a_all, b_all = torch.ones_like(u_all), torch.ones_like(v_all)
+    iters = torch.zeros(n, dtype=torch.int32, device=c.device)
+    active = torch.arange(n, device=c.device)
+    k_act, kt_act, u_act, v_act, b = kernel, kernel_t, u_all, v_all, b_all
     done = 0
     while done < max_iter:
         steps = min(check_every, max_iter - done)
-        mask = active.unsqueeze(-1)
         for _ in range(steps):
-            a_new = u / (kernel @ b.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
-            b_new = v / (kernel_t @ a_new.unsqueeze(-1)).squeeze(-1).clamp_min(tiny)
-            a = torch.where(mask, a_new, a)
-            b = torch.where(mask, b_new, b)
+            a = u_act / torch.bmm(b.unsqueeze(1), kt_act).squeeze(1).clamp_min(tiny)
+            b = v_act / torch.bmm(a.unsqueeze(1), k_act).squeeze(1).clamp_min(tiny)
         done += steps
-        iters += active.to(torch.int32) * steps
-        row = a * (kernel @ b.unsqueeze(-1)).squeeze(-1)
-        err = (row - u).abs().sum(-1)
-        active = active & (err > tol)
-        if not bool(active.any()):
+        iters[active] += steps
+        a_all[active], b_all[active] = a, b
+        # After the b-update the columns match v exactly; rows are off by a * (K b) - u.
+        row = a * torch.bmm(b.unsqueeze(1), kt_act).squeeze(1)
+        keep = (row - u_act).abs().sum(-1) > tol
+        if not bool(keep.any()):
             break
-    flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2)
-    err = (flow.sum(-1) - u).abs().sum(-1)
-    return flow, iters, err
+        if not bool(keep.all()):
+            active, k_act, kt_act = active[keep], k_act[keep], kt_act[keep]
+            u_act, v_act, b = u_act[keep], v_act[keep], b[keep]
+    flow = a_all.unsqueeze(-1) * kernel * b_all.unsqueeze(-2)
+    err = (flow.sum(-1) - u_all).abs().sum(-1)
+    return flow.reshape(cost.shape), iters.reshape(batch), err.reshape(batch)
 
 
 def _sinkhorn_log(cost, u, v, eps, max_iter, tol, check_every):

@@ -89,6 +89,7 @@ def compute_weights(
     candidate_embedding: Tensor | None = None,
     query_lmk: Tensor | None = None,
     candidate_lmk: Tensor | None = None,
+    candidate_pooled: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Patch weights ``(u (B, K, R), v (B, K, R))`` for one weighting ``method``.
 
@@ -100,6 +101,8 @@ def compute_weights(
     - ``sc_official``: the public code's variant, sums of cosine *distances* ``1 - cos``.
     - ``lmk``: precomputed per-image landmark densities ``query_lmk (B, R)``,
       ``candidate_lmk (B, K, R)`` (see :func:`landmark_density`).
+
+    candidate_pooled: optional precomputed ``mean_j g_j`` ``(B, K, C)`` for APC.
     """
     b, k, r, _ = sim.shape
     if method == "uniform":
@@ -108,7 +111,8 @@ def compute_weights(
         return u, v
     if method == "apc":
         q, g = query.float(), candidates.float()
-        u = torch.einsum("brc,bkc->bkr", q, g.mean(2))
+        pooled = g.mean(2) if candidate_pooled is None else candidate_pooled.float()
+        u = torch.einsum("brc,bkc->bkr", q, pooled)
         v = torch.einsum("bkrc,bc->bkr", g, q.mean(1))
     elif method == "cc":
         if query_embedding is None or candidate_embedding is None:
