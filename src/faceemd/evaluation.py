@@ -23,7 +23,7 @@ from faceemd.emd.rerank import RerankConfig
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.models.extractor import FaceFeatureExtractor
 
-__all__ = ["build_loggers", "finish_loggers", "print_results", "run_evaluation"]
+__all__ = ["build_loggers", "finish_loggers", "print_results", "rerank_config", "run_evaluation"]
 
 log = logging.getLogger(__name__)
 
