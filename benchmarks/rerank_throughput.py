@@ -44,7 +44,7 @@ def make_features(num_queries: int, gallery: int, grid: int, channels: int, seed
 def baseline_per_query(queries, cands, eps, max_iter, thresh):
     """One query at a time, APC weights, Sinkhorn with a host check each iteration."""
     out = []
-    for q, c in zip(queries, cands):
+    for q, c in zip(queries, cands, strict=True):
         qn = torch.nn.functional.normalize(q, dim=-1)
         cn = torch.nn.functional.normalize(c, dim=-1)
         sim = torch.einsum("rc,ksc->krs", qn, cn)
@@ -94,8 +94,9 @@ def main() -> None:
         query, gallery = make_features(args.queries, args.gallery, grid, args.channels)
         r = grid * grid
         s1, i1 = stage1_topk(query.embeddings, gallery.embeddings, k)
-        cfg = RerankConfig(top_k=k, weighting="apc", alpha=1.0, tol=args.tol,
-                           query_batch=args.query_batch)
+        cfg = RerankConfig(
+            top_k=k, weighting="apc", alpha=1.0, tol=args.tol, query_batch=args.query_batch
+        )
         t0 = time.perf_counter()
         stage2_rerank(query, gallery, s1, i1, cfg)
         ours = args.queries / (time.perf_counter() - t0)

@@ -53,6 +53,13 @@ def test_experiment_files_compose(compose_evaluate):
 
 def test_config_tree_has_expected_groups():
     assert {p.name for p in (ROOT / "conf").iterdir() if p.is_dir()} >= {
-        "data", "backbone", "rerank", "logger", "trainer", "paths", "hydra", "experiment"
+        "data",
+        "backbone",
+        "rerank",
+        "logger",
+        "trainer",
+        "paths",
+        "hydra",
+        "experiment",
     }
     assert Path(ROOT / "conf" / "evaluate.yaml").is_file()

@@ -14,10 +14,12 @@ from faceemd.data.transforms import FaceInput
 
 def _write_lfw_tree(root, people=("Ann_A", "Bob_B", "Cy_C"), per=(3, 2, 1)):
     rng = np.random.default_rng(0)
-    for name, n in zip(people, per):
+    for name, n in zip(people, per, strict=True):
         (root / name).mkdir(parents=True)
         for i in range(1, n + 1):
-            cv2.imwrite(str(root / name / f"{name}_{i:04d}.jpg"), rng.integers(0, 255, (40, 30), np.uint8))
+            cv2.imwrite(
+                str(root / name / f"{name}_{i:04d}.jpg"), rng.integers(0, 255, (40, 30), np.uint8)
+            )
 
 
 def test_synthetic_is_deterministic_and_labelled():
@@ -74,7 +76,8 @@ def test_corrupt_image_error_or_skip(tmp_path):
     with pytest.raises(BadImageError, match="Ann_A_0002.jpg cannot be decoded"):
         ImageFolderFaces(tmp_path)[1]
     dm = IdentificationDataModule(
-        ImageFolderFaces(tmp_path, on_bad_image="skip"), face_input=FaceInput((16, 12), 1, 127.5, 127.5),
+        ImageFolderFaces(tmp_path, on_bad_image="skip"),
+        face_input=FaceInput((16, 12), 1, 127.5, 127.5),
         batch_size=8,
     )
     dm.setup("test")

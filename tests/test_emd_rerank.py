@@ -20,9 +20,10 @@ def test_stage1_chunked_matches_brute_force_with_exclusion():
     exclude = torch.full((13,), -1)
     exclude[:5] = torch.arange(5) * 3
     s, i = stage1_topk(q.embeddings, g.embeddings, 7, exclude, chunk_size=6, query_batch=4)
-    full = torch.nn.functional.normalize(q.embeddings, dim=1) @ torch.nn.functional.normalize(
-        g.embeddings, dim=1
-    ).T
+    full = (
+        torch.nn.functional.normalize(q.embeddings, dim=1)
+        @ torch.nn.functional.normalize(g.embeddings, dim=1).T
+    )
     for row in range(13):
         if exclude[row] >= 0:
             full[row, exclude[row]] = float("-inf")

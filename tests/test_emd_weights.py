@@ -56,8 +56,14 @@ def test_landmark_density_counts_points_per_cell():
     pts = torch.tensor([[[0.5, 0.5], [1.0, 1.9], [1.9, 0.0], [3.0, 3.0], [9.0, 9.0]]])
     w = landmark_density(pts, (4, 4), (2, 2))
     assert_close(w, torch.tensor([[0.75, 0.0, 0.0, 0.25]]))
-    u, v = compute_weights("lmk", SIM, Q, G, query_lmk=torch.tensor([[0.25, 0.75]]),
-                           candidate_lmk=torch.tensor([[[0.5, 0.5]]]))
+    u, v = compute_weights(
+        "lmk",
+        SIM,
+        Q,
+        G,
+        query_lmk=torch.tensor([[0.25, 0.75]]),
+        candidate_lmk=torch.tensor([[[0.5, 0.5]]]),
+    )
     assert_close(u, torch.tensor([[[0.25, 0.75]]]))
     assert_close(v, torch.tensor([[[0.5, 0.5]]]))
 

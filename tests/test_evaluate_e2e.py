@@ -21,7 +21,11 @@ def _run(args, tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
     out = subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), *args, f"paths.log_dir={tmp_path}", *TINY],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out

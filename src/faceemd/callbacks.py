@@ -1,11 +1,12 @@
-"""Re-ranking evaluation as a Lightning callback, shared by evaluation and finetuning validation.
+"""Feature collection and re-ranking evaluation as Lightning callbacks.
 
-During a validation/test epoch whose dataloaders are ``[query, gallery]`` (or ``[query]`` when
-the datamodule's query set is its own gallery, ``same_images``), the callback collects what the
-module's step returns (:class:`faceemd.models.extractor.FaceFeatureExtractor`), gathers it across
-processes, restores dataset order by index (a distributed sampler pads and interleaves), runs
-two-stage ranking on rank 0, broadcasts the metrics and logs ``stage1/*`` and ``stage2/*`` once.
-The last metrics and ranking stay in ``self.results`` and ``self.ranking``.
+:class:`FeatureCollector` gathers, during a validation/test epoch, what the module's step returns
+(:class:`faceemd.models.extractor.FaceFeatureExtractor`) for each dataloader, across processes,
+and restores set order by index (a distributed sampler pads and interleaves, and ranks may skip
+different numbers of bad images). ``evaluate.py`` uses it to fill the feature cache.
+:class:`RerankEvaluation` additionally ranks and scores at the end of the epoch (dataloaders
+``[query, gallery]``, or ``[query]`` when the query set is its own gallery), on rank 0, then
+broadcasts and logs ``stage1/*`` and ``stage2/*``; finetuning validation uses it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 from torch import Tensor
 
 from faceemd.emd.rerank import FeatureBank, Ranking, RerankConfig, two_stage_rank
+from faceemd.features import ExtractedFeatures
 from faceemd.metrics import hits_from_ranking, identification_metrics, relevant_counts
 
-__all__ = ["RerankEvaluation", "evaluate_features"]
+__all__ = ["FeatureCollector", "RerankEvaluation", "evaluate_features"]
 
-_KEYS = ("embedding", "patches", "label", "index", "lmk")
+_ROW_KEYS = ("embedding", "patches", "landmarks", "label", "index")
 
 
 def evaluate_features(
@@ -52,11 +54,91 @@ def evaluate_features(
     return out, ranking
 
 
-class RerankEvaluation(L.Callback):
+class FeatureCollector(L.Callback):
+    """Collect per-dataloader features during validation/test epochs.
+
+    After each epoch (not the sanity check) ``self.features`` holds one
+    :class:`ExtractedFeatures` per dataloader, in set order, with ``labels`` from the batches,
+    identical on every rank; ``self.extract_seconds`` the epoch's wall time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: list[ExtractedFeatures] = []
+        self.extract_seconds = 0.0
+        self._buffers: dict[int, dict[str, list]] = {}
+        self._skipped: dict[int, int] = {}
+        self._t0 = 0.0
+
+    def _start(self, *_) -> None:
+        self._buffers = defaultdict(lambda: defaultdict(list))
+        self._skipped = defaultdict(int)
+        self._t0 = time.perf_counter()
+
+    def _collect(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._skipped[dataloader_idx] += int(outputs.get("skipped", 0))
+        buf = self._buffers[dataloader_idx]
+        if "embedding" not in outputs:
+            return
+        for key in _ROW_KEYS:
+            buf[key].append(outputs[key].detach())
+        buf["grid_shape"] = [tuple(outputs["grid_shape"])]
+        buf["image_size"] = [tuple(outputs["image_size"])]
+
+    on_validation_epoch_start = _start
+    on_test_epoch_start = _start
+    on_validation_batch_end = _collect
+    on_test_batch_end = _collect
+
+    def _num_loaders(self, trainer: L.Trainer) -> int:
+        counts = trainer.num_test_batches if trainer.testing else trainer.num_val_batches
+        return len(counts) if isinstance(counts, list) else 1
+
+    def _gather(self, trainer: L.Trainer, pl_module: L.LightningModule, idx: int):
+        buf = self._buffers.get(idx, {})
+        skipped = int(pl_module.all_gather(torch.tensor(self._skipped.get(idx, 0))).sum())
+        parts = {k: torch.cat(buf[k]) if buf.get(k) else None for k in _ROW_KEYS}
+        if trainer.world_size > 1:
+            parts = _gather_rows(trainer, pl_module, parts)
+        if parts["embedding"] is None or len(parts["embedding"]) == 0:
+            raise ValueError(
+                f"dataloader {idx} produced no features ({skipped} image(s) skipped as "
+                "unreadable): check that the image set is not empty"
+            )
+        shapes = _gather_objects(trainer, (buf.get("grid_shape"), buf.get("image_size")))
+        grid_shape, image_size = next((g[0], s[0]) for g, s in shapes if g)
+        order = _first_occurrence_order(parts["index"])
+        parts = {k: v[order].cpu() for k, v in parts.items()}
+        return ExtractedFeatures(
+            embeddings=parts["embedding"],
+            patches=parts["patches"],
+            index=parts["index"],
+            landmarks=parts["landmarks"],
+            grid_shape=grid_shape,
+            image_size=image_size,
+            skipped=skipped,
+            labels=parts["label"],
+        )
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.extract_seconds = time.perf_counter() - self._t0
+        self.features = [
+            self._gather(trainer, pl_module, i) for i in range(self._num_loaders(trainer))
+        ]
+        self._buffers = {}
+
+    on_validation_epoch_end = _end
+    on_test_epoch_end = _end
+
+
+class RerankEvaluation(FeatureCollector):
     """Collect query/gallery features in an epoch, then rank, score and log them.
 
     rerank: the stage-2 settings (a :class:`RerankConfig` or a mapping of its fields).
     same_images: override of the datamodule's ``same_images`` (query set = gallery).
+    The last metrics and ranking stay in ``self.results`` and ``self.ranking`` (rank 0).
     """
 
     def __init__(self, rerank: RerankConfig | dict | None = None, same_images: bool | None = None):
@@ -67,75 +149,60 @@ class RerankEvaluation(L.Callback):
         self.same_images = same_images
         self.results: dict[str, float] = {}
         self.ranking: Ranking | None = None
-        self._buffers: dict[int, dict[str, list[Tensor]]] = {}
-        self._skipped = 0
-        self._t0 = 0.0
-
-    # --- collection -------------------------------------------------------------------------
-    def _start(self, *_) -> None:
-        self._buffers = defaultdict(lambda: defaultdict(list))
-        self._skipped = 0
-        self._t0 = time.perf_counter()
-
-    def _collect(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._skipped += int(outputs.get("skipped", 0))
-        if "embedding" not in outputs:
-            return
-        buf = self._buffers[dataloader_idx]
-        for key in _KEYS:
-            if key in outputs:
-                buf[key].append(outputs[key].detach())
-        if "lmk" not in outputs:
-            buf["lmk_missing"].append(torch.ones(1))
-
-    on_validation_epoch_start = _start
-    on_test_epoch_start = _start
-    on_validation_batch_end = _collect
-    on_test_batch_end = _collect
-
-    # --- evaluation -------------------------------------------------------------------------
-    def _bank(self, pl_module, loader_idx: int) -> FeatureBank:
-        buf = self._buffers.get(loader_idx)
-        if not buf or not buf["embedding"]:
-            name = "query" if loader_idx == 0 else "gallery"
-            raise ValueError(f"no {name} features were collected (is the {name} set empty?)")
-        parts = {k: torch.cat(v) for k, v in buf.items() if k in _KEYS and v}
-        has_lmk = "lmk" in parts and not buf.get("lmk_missing")
-        if not has_lmk:
-            parts.pop("lmk", None)
-        if pl_module.trainer.world_size > 1:
-            parts = {k: _flatten(pl_module.all_gather(v)) for k, v in parts.items()}
-        order = _first_occurrence_order(parts["index"])
-        parts = {k: v[order].cpu() for k, v in parts.items()}
-        return FeatureBank(parts["embedding"], parts["patches"], parts["label"], parts.get("lmk"))
 
     def _end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        extract_seconds = time.perf_counter() - self._t0
+        super()._end(trainer, pl_module)
         same = self.same_images
         if same is None:
             same = bool(getattr(trainer.datamodule, "same_images", False))
-        query = self._bank(pl_module, 0)
-        gallery = query if same else self._bank(pl_module, 1)
-        skipped = int(pl_module.all_gather(torch.tensor(self._skipped)).sum())
+        query = self.features[0]
+        gallery = query if same else self.features[1]
         results: dict[str, float] = {}
         if trainer.is_global_zero:
-            results, self.ranking = evaluate_features(query, gallery, self.cfg, same)
-            results["eval/extract_seconds"] = extract_seconds
-            results["eval/skipped_images"] = skipped
+            results, self.ranking = evaluate_features(
+                query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg, same
+            )
+            results["eval/extract_seconds"] = self.extract_seconds
+            results["eval/skipped_images"] = query.skipped + (0 if same else gallery.skipped)
         results = trainer.strategy.broadcast(results, src=0)
         self.results = results
-        self._buffers = {}
         pl_module.log_dict({k: float(v) for k, v in results.items()}, sync_dist=False)
 
     on_validation_epoch_end = _end
     on_test_epoch_end = _end
 
 
-def _flatten(x: Tensor) -> Tensor:
-    """``(world, N, ...)`` from all_gather to ``(world * N, ...)``."""
-    return x.reshape(-1, *x.shape[2:])
+def _gather_rows(trainer: L.Trainer, pl_module: L.LightningModule, parts: dict) -> dict:
+    """All-gather row tensors whose length differs between ranks (pad to the longest, cut);
+    a rank that read no image contributes zero rows of the width the others report."""
+    meta = {k: (v.shape[0], tuple(v.shape[1:]), v.dtype) for k, v in parts.items() if v is not None}
+    everyone = _gather_objects(trainer, meta)
+    out = {}
+    for key, value in parts.items():
+        known = next((m[key] for m in everyone if key in m), None)
+        if known is None:
+            out[key] = None
+            continue
+        sizes = [m[key][0] if key in m else 0 for m in everyone]
+        if value is None:
+            value = torch.zeros(0, *known[1], dtype=known[2], device=pl_module.device)
+        pad = max(sizes) - value.shape[0]
+        if pad:
+            value = torch.cat([value, value.new_zeros(pad, *value.shape[1:])])
+        gathered = pl_module.all_gather(value)
+        out[key] = torch.cat([gathered[r, : sizes[r]] for r in range(len(sizes))])
+    return out
+
+
+def _gather_objects(trainer: L.Trainer, obj):
+    """Python objects from every rank (a list of one on a single process)."""
+    if trainer.world_size == 1:
+        return [obj]
+    out = [None] * trainer.world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _first_occurrence_order(index: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """The evaluation job behind ``evaluate.py``: extract, rank, score, report.
 
-Composes the configured parts (data, backbone, rerank, logger, trainer), runs Lightning's test
-loop with :class:`faceemd.callbacks.RerankEvaluation`, prints a stage-1 vs stage-2 table and
-writes ``metrics.json`` into the run folder. W&B is always finished, also on errors, so that
-each job of a multirun gets its own run.
+Composes the configured parts (data, backbone, rerank, cache, logger, trainer), takes each
+set's features from the feature cache or extracts them with Lightning's test loop, ranks and
+scores on rank 0, prints a stage-1 vs stage-2 table and writes ``metrics.json`` into the run
+folder. W&B is always finished, also on errors, so that each job of a multirun gets its own run.
 """
 
 from __future__ import annotations
@@ -18,12 +18,23 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from faceemd.callbacks import RerankEvaluation
+from faceemd.cache import FeatureCache, cache_key, state_dict_digest
+from faceemd.callbacks import FeatureCollector, evaluate_features
 from faceemd.emd.rerank import RerankConfig
+from faceemd.features import ExtractedFeatures
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.models.extractor import FaceFeatureExtractor
 
-__all__ = ["build_loggers", "finish_loggers", "print_results", "rerank_config", "run_evaluation"]
+__all__ = [
+    "build_cache",
+    "build_loggers",
+    "feature_ingredients",
+    "finish_loggers",
+    "load_or_extract",
+    "print_results",
+    "rerank_config",
+    "run_evaluation",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +63,9 @@ def print_results(results: dict[str, float], title: str) -> None:
     for stage in ("stage1", "stage2"):
         row = [results.get(f"{stage}/{k}") for k in ("p_at_1", "r_precision", "map_at_r")]
         maxp = results.get(f"{stage}/max_precision_at_k")
-        table.add_row(stage, *[f"{100 * v:.2f}" for v in row], "" if maxp is None else f"{100 * maxp:.2f}")
+        table.add_row(
+            stage, *[f"{100 * v:.2f}" for v in row], "" if maxp is None else f"{100 * maxp:.2f}"
+        )
     console = Console()
     console.print(table)
     console.print(
@@ -69,24 +82,104 @@ def rerank_config(cfg: DictConfig) -> RerankConfig:
     return RerankConfig(**OmegaConf.to_container(cfg, resolve=True))
 
 
+def build_cache(cfg: DictConfig | None) -> FeatureCache | None:
+    """The feature cache of the ``cache`` group, or None when disabled."""
+    if not cfg or not cfg.get("enabled", False):
+        return None
+    return FeatureCache(cfg.dir, dtype=cfg.dtype, mmap=cfg.mmap, verify=cfg.verify)
+
+
+def feature_ingredients(
+    weights_sha256: str, faces, backbone_cfg: DictConfig, store_dtype: str
+) -> dict | None:
+    """What determines a set's features (the cache key), or None if the set has no
+    fingerprint (then it is not cached). weights_sha256: :func:`state_dict_digest`."""
+    if not hasattr(faces, "fingerprint"):
+        log.warning("%s has no fingerprint(); its features are not cached", type(faces).__name__)
+        return None
+    return {
+        "backbone": OmegaConf.to_container(backbone_cfg.net, resolve=True),
+        "weights_sha256": weights_sha256,
+        "set": faces.fingerprint(),
+        "input": OmegaConf.to_container(backbone_cfg.input, resolve=True),
+        "flip_test": bool(backbone_cfg.flip_test),
+        "store_dtype": store_dtype,
+    }
+
+
+def load_or_extract(
+    cfg: DictConfig, backbone, datamodule, loggers: list
+) -> tuple[dict[str, ExtractedFeatures], dict[str, float], bool]:
+    """Features of the query set (and gallery set) from the cache, extracting what is missing.
+
+    Extraction runs Lightning's test loop on the configured Trainer (devices, strategy) with a
+    :class:`FeatureCollector`; rank 0 then writes each new set to the cache. Returns
+    ``(features by set name, eval/* counters, is_global_zero)``; features carry labels.
+    """
+    sets = {"query": datamodule.query}
+    if not datamodule.same_images:
+        sets["gallery"] = datamodule.gallery
+    cache = build_cache(cfg.get("cache"))
+    keys: dict[str, str | None] = {}
+    ingredients: dict[str, dict | None] = {}
+    feats: dict[str, ExtractedFeatures | None] = {}
+    digest = state_dict_digest(backbone) if cache else ""
+    for name, faces in sets.items():
+        ingredients[name] = cache and feature_ingredients(digest, faces, cfg.backbone, cache.dtype)
+        keys[name] = cache_key(**ingredients[name]) if ingredients[name] else None
+        feats[name] = cache.load(keys[name]) if keys[name] else None
+    missing = [name for name in sets if feats[name] is None]
+    is_zero, seconds = True, 0.0
+    if missing:
+        collector = FeatureCollector()
+        trainer = instantiate(cfg.trainer, callbacks=[collector], logger=loggers or False)
+        extractor = FaceFeatureExtractor(backbone, flip=cfg.backbone.flip_test)
+        loaders = [datamodule.loader(sets[name]) for name in missing]
+        trainer.test(extractor, dataloaders=loaders, verbose=False)
+        is_zero, seconds = trainer.is_global_zero, collector.extract_seconds
+        for name, extracted in zip(missing, collector.features, strict=True):
+            feats[name] = extracted
+            if keys[name] and is_zero:
+                cache.save(keys[name], extracted, ingredients[name])
+    for name, faces in sets.items():
+        feats[name].with_labels(datamodule.labels_of(faces))
+    counters = {
+        "eval/extracted_sets": len(missing),
+        "eval/cached_sets": len(sets) - len(missing),
+        "eval/extract_seconds": seconds,
+        "eval/skipped_images": sum(f.skipped for f in feats.values()),
+    }
+    return feats, counters, is_zero
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
-    """Run one evaluation job; returns the metrics dict (also written to metrics.json)."""
+    """Run one evaluation job; returns the metrics dict (also written to metrics.json).
+
+    On processes other than rank 0 of a distributed run it returns an empty dict after the
+    sharded extraction.
+    """
     L.seed_everything(cfg.seed, workers=True)
     rerank = rerank_config(cfg.rerank)
     backbone = build_backbone(cfg.backbone)
     datamodule = instantiate(cfg.data, face_input=build_face_input(cfg.backbone))
-    extractor = FaceFeatureExtractor(backbone, grid=rerank.grid, flip=cfg.backbone.flip_test)
-    evaluation = RerankEvaluation(rerank)
+    datamodule.setup("test")
     loggers = build_loggers(cfg.get("logger"))
     try:
-        trainer = instantiate(cfg.trainer, callbacks=[evaluation], logger=loggers or False)
-        if loggers:
-            for lg in loggers:
-                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        trainer.test(extractor, datamodule=datamodule, verbose=False)
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers)
+        if not is_zero:
+            return {}
+        same = datamodule.same_images
+        query = feats["query"].to_bank(rerank.grid)
+        gallery = query if same else feats["gallery"].to_bank(rerank.grid)
+        results, _ = evaluate_features(query, gallery, rerank, same)
+        results.update(counters)
+        for lg in loggers:
+            lg.log_metrics({k: float(v) for k, v in results.items()}, step=0)
+            lg.save()
     finally:
         finish_loggers()
-    results = evaluation.results
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": results, "config": OmegaConf.to_container(cfg, resolve=True)}

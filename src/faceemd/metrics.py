@@ -61,7 +61,9 @@ def per_query_scores(hits: Tensor, r: Tensor) -> dict[str, Tensor]:
     Queries with R = 0 get NaN. Raises ``ValueError`` if L < R for some query.
     """
     if hits.dim() != 2 or r.shape != hits.shape[:1]:
-        raise ValueError(f"hits must be (Q, L) and r (Q,), got {tuple(hits.shape)}, {tuple(r.shape)}")
+        raise ValueError(
+            f"hits must be (Q, L) and r (Q,), got {tuple(hits.shape)}, {tuple(r.shape)}"
+        )
     if hits.shape[0] and int(r.max()) > hits.shape[1]:
         raise ValueError(
             f"rankings are {hits.shape[1]} deep but a query has R={int(r.max())} relevant items; "
@@ -117,7 +119,9 @@ class IdentificationMetrics(Metric):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         for name in ("p_at_1", "r_precision", "map_at_r", "num_queries", "num_excluded"):
-            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
+            )
 
     def update(self, hits: Tensor, r: Tensor) -> None:
         valid = r > 0

@@ -81,13 +81,20 @@ class IdentificationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.face_input is None:
-            raise ValueError("IdentificationDataModule needs face_input (the backbone's input spec)")
+            raise ValueError(
+                "IdentificationDataModule needs face_input (the backbone's input spec)"
+            )
         names = set(self.query.label_names())
         if self.gallery is not None:
             names |= set(self.gallery.label_names())
         self.vocab = {name: i for i, name in enumerate(sorted(names))}
 
-    def _loader(self, faces) -> DataLoader:
+    def labels_of(self, faces) -> torch.Tensor:
+        """Integer label of every position of ``faces`` (``(len(faces),)``, after setup)."""
+        return torch.tensor([self.vocab[name] for name in faces.label_names()], dtype=torch.long)
+
+    def loader(self, faces) -> DataLoader:
+        """An ordered loader over one face set, prepared for the backbone."""
         return DataLoader(
             _Prepared(faces, self.face_input, self.vocab),
             batch_size=self.batch_size,
@@ -97,9 +104,9 @@ class IdentificationDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> list[DataLoader]:
-        loaders = [self._loader(self.query)]
+        loaders = [self.loader(self.query)]
         if self.gallery is not None:
-            loaders.append(self._loader(self.gallery))
+            loaders.append(self.loader(self.gallery))
         return loaders
 
     val_dataloader = test_dataloader

@@ -10,6 +10,7 @@ the loader drops it and counts it (never a silently wrong label).
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 
 import cv2
@@ -77,6 +78,26 @@ class _FileFaces:
     def label_names(self) -> list[str]:
         return list(self.labels)
 
+    def fingerprint(self) -> dict:
+        """Manifest digest (relative path, label, size, mtime of every file, landmarks) that
+        keys the feature cache: editing, adding or removing an image changes it."""
+        h = hashlib.sha256()
+        for rel, label in zip(self.files, self.labels, strict=True):
+            try:
+                st = (self.root / rel).stat()
+                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+            except OSError:
+                stamp = "missing"
+            h.update(f"{rel}\t{label}\t{stamp}\n".encode())
+        for rel in sorted(self.landmarks):
+            h.update(rel.encode() + self.landmarks[rel].astype(np.float32).tobytes())
+        return {
+            "type": type(self).__name__,
+            "root": str(self.root.resolve()),
+            "manifest_sha256": h.hexdigest(),
+            "on_bad_image": self.on_bad_image,
+        }
+
     def __getitem__(self, index: int):
         rel = self.files[index]
         try:
@@ -108,9 +129,7 @@ class ImageFolderFaces(_FileFaces):
         super().__init__(root, on_bad_image, landmarks)
         empty = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            images = sorted(
-                p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
-            )
+            images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not images:
                 empty.append(folder.name)
                 continue

@@ -111,12 +111,21 @@ def render_face(p: Identity, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     bg = rng.uniform(30, 220)
     img = np.full((SIZE, SIZE), bg, np.float32)
     # Hair: an ellipse behind the face, its top at the identity's hairline.
-    cv2.ellipse(img, (int(cx), int(cy - ry * 0.15)), (int(rx * 1.15), int(ry * 1.1)), 0, 0, 360,
-                p.hair, -1, cv2.LINE_AA)
+    cv2.ellipse(
+        img,
+        (int(cx), int(cy - ry * 0.15)),
+        (int(rx * 1.15), int(ry * 1.1)),
+        0,
+        0,
+        360,
+        p.hair,
+        -1,
+        cv2.LINE_AA,
+    )
     face = np.zeros((SIZE, SIZE), np.float32)
     cv2.ellipse(face, (int(cx), int(cy)), (int(rx), int(ry)), 0, 0, 360, 1.0, -1, cv2.LINE_AA)
     forehead_cut = int(cy - ry * p.hairline)
-    face[:max(forehead_cut, 0)] *= 0.0
+    face[: max(forehead_cut, 0)] *= 0.0
     texture = cv2.resize(p.pattern.astype(np.float32), (SIZE, SIZE), interpolation=cv2.INTER_CUBIC)
     img = img * (1 - face) + face * p.skin * texture
     for m in p.moles:
@@ -127,8 +136,14 @@ def render_face(p: Identity, rng: np.random.Generator) -> tuple[np.ndarray, np.n
         c = lmk[e0 : e0 + 6].mean(0)
         cv2.circle(img, (int(c[0]), int(c[1])), max(2, int(p.eye_radii[1] * eye_open)), 25.0, -1)
     for b0 in (17, 22):
-        cv2.polylines(img, [lmk[b0 : b0 + 5].round().astype(np.int32)], False, p.hair * 0.6,
-                      p.brow_thick, cv2.LINE_AA)
+        cv2.polylines(
+            img,
+            [lmk[b0 : b0 + 5].round().astype(np.int32)],
+            False,
+            p.hair * 0.6,
+            p.brow_thick,
+            cv2.LINE_AA,
+        )
     cv2.polylines(img, [lmk[27:31].round().astype(np.int32)], False, p.skin * 0.7, 2, cv2.LINE_AA)
     cv2.polylines(img, [lmk[31:36].round().astype(np.int32)], False, p.skin * 0.5, 2, cv2.LINE_AA)
     cv2.fillPoly(img, [lmk[48:60].round().astype(np.int32)], p.skin * 0.55, cv2.LINE_AA)
@@ -177,6 +192,17 @@ class SyntheticFaces:
 
     def __len__(self) -> int:
         return self.num_identities * self.images_per_identity
+
+    def fingerprint(self) -> dict:
+        """What determines the images (the feature-cache key of this set)."""
+        return {
+            "type": "SyntheticFaces",
+            "num_identities": self.num_identities,
+            "images_per_identity": self.images_per_identity,
+            "first_image": self.first_image,
+            "occlusion": self.occlusion,
+            "seed": self.seed,
+        }
 
     def label_names(self) -> list[str]:
         """Identity name of every item, without rendering."""

@@ -65,8 +65,10 @@ def patch_cosine(
     a normalisation pass over ``(B, K, R', C)`` (the costliest memory pass of stage 2).
     """
     q = torch.nn.functional.normalize(query.float(), dim=-1)
-    g = candidates if candidate_norms is not None else torch.nn.functional.normalize(
-        candidates.float(), dim=-1
+    g = (
+        candidates
+        if candidate_norms is not None
+        else torch.nn.functional.normalize(candidates.float(), dim=-1)
     )
     dtype = dtype or torch.float32
     q, g = q.to(dtype), g.to(dtype)

@@ -34,7 +34,9 @@ def read_state_dict(path: str | Path, strip_prefixes: Sequence[str] = ("module."
             "its .state_dict())"
         ) from err
     while isinstance(obj, dict) and not _is_tensor_dict(obj):
-        inner = next((obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        inner = next(
+            (obj[k] for k in _CONTAINER_KEYS if k in obj and isinstance(obj[k], dict)), None
+        )
         if inner is None:
             raise ValueError(
                 f"checkpoint {path} holds no state dict: top-level keys {sorted(obj)[:10]}"
@@ -80,8 +82,10 @@ def load_backbone_weights(
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:6])}")
-        parts.append("check backbone=... matches the checkpoint, or list extra key prefixes in "
-                     "backbone.ignore_keys")
+        parts.append(
+            "check backbone=... matches the checkpoint, or list extra key prefixes in "
+            "backbone.ignore_keys"
+        )
         raise ValueError("\n  ".join(parts))
     module.load_state_dict(state, strict=True)
     return module

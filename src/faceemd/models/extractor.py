@@ -2,34 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from faceemd.emd.weights import grid_to_patches, landmark_density
+from faceemd.emd.weights import grid_to_patches
 
 __all__ = ["FaceFeatureExtractor"]
 
 
 class FaceFeatureExtractor(L.LightningModule):
-    """Runs a backbone in eval mode and returns per-image features.
+    """Runs a backbone in eval mode and returns per-image features at its native grid.
 
     backbone: a :class:`faceemd.models.backbones.FaceBackbone`.
-    grid: optional ``(H', W')`` to average-pool the patch grid to (paper: 8x8 -> 4x4).
     flip: add the embedding of the horizontally flipped image (common test-time practice;
     the patch grid stays that of the original image).
-    Each step returns ``embedding (B, D)``, ``patches (B, R, C)``, ``label``, ``index``,
-    ``skipped`` and, when all landmarks in the batch are known, ``lmk (B, R)`` weights.
+    Each step returns ``embedding (B, D)``, ``patches (B, gh*gw, C)`` (row-major),
+    ``grid_shape``, ``image_size``, ``landmarks (B, 68, 2)`` (NaN where unknown), ``label``,
+    ``index`` and ``skipped``. Pooling and landmark weights are applied later
+    (:meth:`faceemd.features.ExtractedFeatures.to_bank`), so cached features serve any grid.
     """
 
-    def __init__(
-        self, backbone: nn.Module, grid: Sequence[int] | None = None, flip: bool = False
-    ) -> None:
+    def __init__(self, backbone: nn.Module, flip: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
-        self.grid = tuple(grid) if grid is not None else None
         self.flip = flip
 
     def extract(self, batch: dict) -> dict:
@@ -40,20 +36,16 @@ class FaceFeatureExtractor(L.LightningModule):
         embedding = out.embedding
         if self.flip:
             embedding = embedding + self.backbone(torch.flip(x, dims=[3])).embedding
-        grid = out.grid
-        patches = grid_to_patches(grid, self.grid)
-        gh, gw = self.grid or tuple(grid.shape[-2:])
-        result = {
+        return {
             "embedding": embedding.float(),
-            "patches": patches,
+            "patches": grid_to_patches(out.grid).float(),
+            "grid_shape": tuple(out.grid.shape[-2:]),
+            "image_size": tuple(x.shape[-2:]),
+            "landmarks": batch["landmarks"].float(),
             "label": batch["label"],
             "index": batch["index"],
             "skipped": batch["skipped"],
         }
-        lmk: Tensor = batch["landmarks"]
-        if bool(torch.isfinite(lmk).all()):
-            result["lmk"] = landmark_density(lmk, tuple(x.shape[-2:]), (gh, gw))
-        return result
 
     def test_step(self, batch, batch_idx, dataloader_idx=0):
         return self.extract(batch)

@@ -31,8 +31,9 @@ class BasicConv2d(nn.Module):
 class _Residual(nn.Module):
     """Inception-ResNet block: concatenated branches, 1x1 up-projection, scaled residual."""
 
-    def __init__(self, branches: list[nn.Module], width: int, channels: int, scale: float,
-                 relu: bool = True) -> None:
+    def __init__(
+        self, branches: list[nn.Module], width: int, channels: int, scale: float, relu: bool = True
+    ) -> None:
         super().__init__()
         for i, branch in enumerate(branches):
             setattr(self, f"branch{i}", branch)
@@ -53,7 +54,9 @@ def block35(scale: float = 0.17) -> _Residual:
             BasicConv2d(256, 32, 1, 1),
             nn.Sequential(BasicConv2d(256, 32, 1, 1), BasicConv2d(32, 32, 3, 1, 1)),
             nn.Sequential(
-                BasicConv2d(256, 32, 1, 1), BasicConv2d(32, 32, 3, 1, 1), BasicConv2d(32, 32, 3, 1, 1)
+                BasicConv2d(256, 32, 1, 1),
+                BasicConv2d(32, 32, 3, 1, 1),
+                BasicConv2d(32, 32, 3, 1, 1),
             ),
         ],
         96,
@@ -113,7 +116,9 @@ def mixed_6a() -> _Mixed:
         [
             BasicConv2d(256, 384, 3, 2),
             nn.Sequential(
-                BasicConv2d(256, 192, 1, 1), BasicConv2d(192, 192, 3, 1, 1), BasicConv2d(192, 256, 3, 2)
+                BasicConv2d(256, 192, 1, 1),
+                BasicConv2d(192, 192, 3, 1, 1),
+                BasicConv2d(192, 256, 3, 2),
             ),
             nn.MaxPool2d(3, stride=2),
         ]
@@ -126,7 +131,9 @@ def mixed_7a() -> _Mixed:
             nn.Sequential(BasicConv2d(896, 256, 1, 1), BasicConv2d(256, 384, 3, 2)),
             nn.Sequential(BasicConv2d(896, 256, 1, 1), BasicConv2d(256, 256, 3, 2)),
             nn.Sequential(
-                BasicConv2d(896, 256, 1, 1), BasicConv2d(256, 256, 3, 1, 1), BasicConv2d(256, 256, 3, 2)
+                BasicConv2d(896, 256, 1, 1),
+                BasicConv2d(256, 256, 3, 1, 1),
+                BasicConv2d(256, 256, 3, 2),
             ),
             nn.MaxPool2d(3, stride=2),
         ]
@@ -136,7 +143,9 @@ def mixed_7a() -> _Mixed:
 class InceptionResnetV1(FaceBackbone):
     """Inception-ResNet-v1: grid 1792x3x3 at 160x160 input, embedding 512."""
 
-    def __init__(self, in_channels: int = 3, embedding_dim: int = 512, dropout: float = 0.6) -> None:
+    def __init__(
+        self, in_channels: int = 3, embedding_dim: int = 512, dropout: float = 0.6
+    ) -> None:
         super().__init__()
         self.conv2d_1a = BasicConv2d(in_channels, 32, 3, 2)
         self.conv2d_2a = BasicConv2d(32, 32, 3, 1)

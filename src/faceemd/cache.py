@@ -1,0 +1,185 @@
+"""On-disk cache of extracted features, shared by every job of a sweep.
+
+An entry holds the :class:`faceemd.features.ExtractedFeatures` of one image set and is keyed by
+what determines them: the backbone's weights (a hash of its state dict, so a random init with
+a given seed and a checkpoint file are treated alike), the set's fingerprint (its manifest:
+files, sizes, modification times, or the generator's parameters) and the preprocessing (input
+size, normalisation, flip-test, stored dtype). Anything else (grid pooling, weighting, alpha,
+k) is applied after loading.
+
+Format: one safetensors file per entry, ``<root>/<key[:2]>/<key>.safetensors``, with the key's
+ingredients and a SHA-256 of the tensors in its metadata. Writes go to a temporary file that is
+renamed into place, so a killed writer never leaves a file a later run trusts; a file whose
+checksum does not match is reported, deleted and rebuilt. ``mmap=True`` maps the tensors from
+the file (numpy memmap) instead of reading them into memory, for galleries larger than RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from faceemd.features import ExtractedFeatures
+
+__all__ = ["FeatureCache", "cache_key", "state_dict_digest"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_TENSORS = ("embeddings", "patches", "index", "landmarks")
+_NP_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
+_STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def state_dict_digest(module: nn.Module) -> str:
+    """SHA-256 over the names, shapes and values of a module's state dict."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(**ingredients) -> str:
+    """Hex key of JSON-serialisable ingredients (order-independent)."""
+    blob = json.dumps({"version": FORMAT_VERSION, **ingredients}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        arr = t.numpy() if isinstance(t, torch.Tensor) else t
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+        # hash in 64 MiB slices so a memory-mapped entry is streamed, not copied
+        flat = arr.reshape(-1).view(np.uint8)
+        for i in range(0, flat.size, 1 << 26):
+            h.update(flat[i : i + (1 << 26)])
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Directory of cached feature sets.
+
+    root: cache folder (``outputs/cache`` by default). dtype: ``'float32'`` or ``'float16'``
+    for the stored patch grids (embeddings stay float32). mmap: map entries instead of
+    reading them. verify: check the SHA-256 on load (reads the whole entry once).
+    """
+
+    def __init__(
+        self, root: str | Path, dtype: str = "float32", mmap: bool = False, verify: bool = True
+    ) -> None:
+        if dtype not in _STORE_DTYPES:
+            raise ValueError(f"cache dtype must be one of {list(_STORE_DTYPES)}, got {dtype!r}")
+        self.root = Path(root)
+        self.dtype = dtype
+        self.mmap = mmap
+        self.verify = verify
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def save(self, key: str, feats: ExtractedFeatures, ingredients: dict | None = None) -> Path:
+        """Write an entry atomically (temporary file + rename); returns its path."""
+        tensors = {
+            "embeddings": feats.embeddings.float().contiguous(),
+            "patches": feats.patches.to(_STORE_DTYPES[self.dtype]).contiguous(),
+            "index": feats.index.long().contiguous(),
+            "landmarks": feats.landmarks.float().contiguous(),
+        }
+        meta = {
+            "grid_shape": json.dumps(list(feats.grid_shape)),
+            "image_size": json.dumps(list(feats.image_size)),
+            "skipped": str(int(feats.skipped)),
+            "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
+            "sha256": _tensor_digest(tensors),
+        }
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("feature cache: wrote %s (%d images)", path, len(feats))
+        return path
+
+    def load(self, key: str) -> ExtractedFeatures | None:
+        """The entry for ``key``, or None when absent or corrupt (a corrupt file is removed)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors, meta = _read_safetensors(path)
+            if self.verify and _tensor_digest(tensors) != meta.get("sha256"):
+                raise ValueError("checksum mismatch")
+            feats = ExtractedFeatures(
+                embeddings=_as_tensor(tensors["embeddings"]),
+                patches=_as_tensor(tensors["patches"]),
+                index=_as_tensor(tensors["index"]),
+                landmarks=_as_tensor(tensors["landmarks"]),
+                grid_shape=tuple(json.loads(meta["grid_shape"])),
+                image_size=tuple(json.loads(meta["image_size"])),
+                skipped=int(meta["skipped"]),
+            )
+        except (ValueError, KeyError, OSError, struct.error, json.JSONDecodeError) as err:
+            log.warning(
+                "feature cache: entry %s is unreadable or corrupt (%s); deleting it and "
+                "extracting again",
+                path,
+                err,
+            )
+            path.unlink(missing_ok=True)
+            return None
+        if not self.mmap:
+            feats.embeddings, feats.patches = feats.embeddings.clone(), feats.patches.clone()
+            feats.index, feats.landmarks = feats.index.clone(), feats.landmarks.clone()
+        log.info("feature cache: hit %s (%d images)", path, len(feats))
+        return feats
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Memory-map every tensor of a safetensors file (format: u64 header length, JSON header,
+    raw little-endian data); raises ValueError on a truncated or malformed file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"bad header length {n} for a {size}-byte file")
+        header = json.loads(fh.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    arrays = {}
+    for name in _TENSORS:
+        if name not in header:
+            raise ValueError(f"tensor {name!r} missing")
+        info = header[name]
+        start, end = info["data_offsets"]
+        dtype = _NP_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        if 8 + n + end > size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
+        if end == start:
+            arrays[name] = np.zeros(shape, dtype)
+        else:
+            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + n + start, shape=shape)
+    return arrays, meta
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor view of a read-only map (torch warns about non-writable arrays)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)

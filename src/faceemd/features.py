@@ -1,0 +1,108 @@
+"""Extracted features of one image set, in the form they are cached and shared between jobs.
+
+Extraction keeps the backbone's *native* patch grid (ArcFace 8x8, MobileFaceNet 7x6, ...) and
+raw landmarks; pooling to a coarser grid (paper Sec. 3.1: 8x8 -> 4x4) and the LMK density are
+computed when a job turns the features into a :class:`faceemd.emd.rerank.FeatureBank`. So one
+extraction serves every job of a grid x weighting x alpha x k sweep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from faceemd.emd.rerank import FeatureBank
+from faceemd.emd.weights import landmark_density
+
+__all__ = ["ExtractedFeatures", "pool_patches"]
+
+
+def pool_patches(
+    patches: Tensor, grid_shape: tuple[int, int], pool_to: tuple[int, int], chunk: int = 4096
+) -> Tensor:
+    """Adaptive-average-pool row-major patches ``(N, gh*gw, C)`` to ``(N, H'*W', C)``.
+
+    Works through ``chunk`` rows at a time, so a memory-mapped input is read once and only the
+    pooled result is held in memory. Keeps the input dtype.
+    """
+    gh, gw = grid_shape
+    n, r, c = patches.shape
+    if r != gh * gw:
+        raise ValueError(f"patches have {r} rows per image, grid {gh}x{gw} needs {gh * gw}")
+    if tuple(pool_to) == (gh, gw):
+        return patches
+    out = []
+    for i in range(0, n, chunk):
+        x = patches[i : i + chunk].float().reshape(-1, gh, gw, c).permute(0, 3, 1, 2)
+        x = F.adaptive_avg_pool2d(x, tuple(pool_to))
+        out.append(x.flatten(2).transpose(1, 2).to(patches.dtype))
+    if not out:
+        return patches.new_empty(0, pool_to[0] * pool_to[1], c)
+    return torch.cat(out)
+
+
+@dataclass
+class ExtractedFeatures:
+    """Features of the images of one set that could be read, in set order.
+
+    embeddings: ``(N, D)`` float32 final embeddings (with the flipped image's added when the
+    backbone config asks for flip_test).
+    patches: ``(N, gh*gw, C)`` the last conv grid, row-major, float32 or float16 (may be a
+    read-only memory map from the feature cache).
+    index: ``(N,)`` position of each row in its image set (rows of skipped images are absent).
+    landmarks: ``(N, 68, 2)`` (x, y) in the network-input image, NaN where unknown.
+    grid_shape: ``(gh, gw)``; image_size: ``(h, w)`` of the network input.
+    skipped: images of the set that could not be read and were skipped.
+    labels: ``(N,)`` integer identities of this run's label vocabulary; not cached (the
+    vocabulary depends on which sets a job combines), set by the job.
+    """
+
+    embeddings: Tensor
+    patches: Tensor
+    index: Tensor
+    landmarks: Tensor
+    grid_shape: tuple[int, int]
+    image_size: tuple[int, int]
+    skipped: int = 0
+    labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n = self.embeddings.shape[0]
+        if self.patches.shape[0] != n or self.index.shape != (n,) or self.landmarks.shape[0] != n:
+            raise ValueError(
+                f"inconsistent feature rows: embeddings {tuple(self.embeddings.shape)}, patches "
+                f"{tuple(self.patches.shape)}, index {tuple(self.index.shape)}, landmarks "
+                f"{tuple(self.landmarks.shape)}"
+            )
+        self.grid_shape = (int(self.grid_shape[0]), int(self.grid_shape[1]))
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def with_labels(self, labels_by_position: Tensor) -> ExtractedFeatures:
+        """Attach labels, given the label of every position of the set ``(len(set),)``."""
+        self.labels = labels_by_position[self.index]
+        return self
+
+    def to_bank(self, grid: tuple[int, int] | None = None) -> FeatureBank:
+        """The :class:`FeatureBank` for ranking, pooled to ``grid`` (None: native grid).
+
+        LMK weights are attached when every image of the set has landmarks.
+        """
+        if self.labels is None:
+            raise ValueError("labels are not set: call with_labels() first")
+        target = self.grid_shape if grid is None else (int(grid[0]), int(grid[1]))
+        if target[0] > self.grid_shape[0] or target[1] > self.grid_shape[1]:
+            raise ValueError(
+                f"cannot pool the {self.grid_shape[0]}x{self.grid_shape[1]} grid to a finer "
+                f"{target[0]}x{target[1]}; choose rerank grid <= the backbone's grid"
+            )
+        patches = pool_patches(self.patches, self.grid_shape, target)
+        lmk = None
+        if len(self) and bool(torch.isfinite(self.landmarks).all()):
+            lmk = landmark_density(self.landmarks, self.image_size, target)
+        return FeatureBank(self.embeddings, patches, self.labels, lmk)

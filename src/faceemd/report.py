@@ -1,0 +1,166 @@
+"""Collect a sweep's results into one table and the paper's alpha curve.
+
+``python -m faceemd.report <run or multirun dir> [--wandb]`` reads every ``metrics.json`` below
+the folder (one per job), writes ``report.csv`` (one row per job: its settings and every
+metric), ``report.md`` (the paper's layout: a row per dataset / backbone / weighting / grid /
+alpha / k, columns P@1, RP, M@R for stage 1 and stage 2, in percent) and, when the jobs span
+more than one alpha, ``alpha_curve.png`` (stage-2 P@1 against alpha, one line per dataset, as
+Fig. 4). ``--wandb`` also logs the table and the curve to a W&B run (offline unless
+``WANDB_MODE`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["collect", "main", "plot_alpha_curve", "to_markdown", "write_report"]
+
+SETTINGS = ("data", "backbone", "weighting", "grid", "alpha", "top_k", "blend")
+METRICS = ("p_at_1", "r_precision", "map_at_r")
+HEADERS = {"p_at_1": "P@1", "r_precision": "RP", "map_at_r": "M@R"}
+
+
+def _settings(config: dict) -> dict:
+    rerank = config.get("rerank", {})
+    grid = rerank.get("grid")
+    return {
+        "data": config.get("data_name", ""),
+        "backbone": config.get("backbone", {}).get("name", ""),
+        "weighting": rerank.get("weighting", ""),
+        "grid": "native" if grid is None else "x".join(str(g) for g in grid),
+        "alpha": rerank.get("alpha", ""),
+        "top_k": rerank.get("top_k", ""),
+        "blend": rerank.get("blend", ""),
+    }
+
+
+def collect(folder: str | Path) -> list[dict]:
+    """One flat row per ``metrics.json`` under ``folder`` (settings + metrics + job folder),
+    sorted by settings. Raises ``FileNotFoundError`` when there is none."""
+    folder = Path(folder)
+    files = sorted(folder.rglob("metrics.json"))
+    if not files:
+        raise FileNotFoundError(f"no metrics.json under {folder}: is it a run or multirun folder?")
+    rows = []
+    for f in files:
+        try:
+            payload = json.loads(f.read_text())
+        except json.JSONDecodeError as err:
+            print(f"skipping unreadable {f}: {err}", file=sys.stderr)
+            continue
+        row = _settings(payload.get("config", {}))
+        row.update(payload.get("metrics", {}))
+        row["job"] = str(f.parent.relative_to(folder)) if f.parent != folder else "."
+        rows.append(row)
+    rows.sort(key=lambda r: tuple(str(r[k]) for k in SETTINGS))
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    """The paper's table layout, metrics in percent with two decimals."""
+    head = list(SETTINGS) + [f"{s} {HEADERS[m]}" for s in ("S1", "S2") for m in METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r[k]) for k in SETTINGS]
+        for stage in ("stage1", "stage2"):
+            for m in METRICS:
+                v = r.get(f"{stage}/{m}")
+                cells.append("" if v is None else f"{100 * float(v):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_alpha_curve(rows: list[dict], path: str | Path) -> Path | None:
+    """Stage-2 P@1 (%) against alpha, one line per dataset (other settings averaged over);
+    None when the rows hold fewer than two alphas."""
+    alphas = sorted({float(r["alpha"]) for r in rows if r["alpha"] != ""})
+    if len(alphas) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for data in sorted({r["data"] for r in rows}):
+        xs, ys = [], []
+        for a in alphas:
+            vals = [
+                float(r["stage2/p_at_1"])
+                for r in rows
+                if r["data"] == data and r["alpha"] != "" and float(r["alpha"]) == a
+            ]
+            if vals:
+                xs.append(a)
+                ys.append(100 * sum(vals) / len(vals))
+        ax.plot(xs, ys, marker="o", label=data)
+    ax.set_xlabel("alpha (weight of the EMD score)")
+    ax.set_ylabel("P@1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(folder: str | Path, use_wandb: bool = False) -> dict[str, Path]:
+    """Write report.csv, report.md and (if alphas vary) alpha_curve.png into ``folder``."""
+    folder = Path(folder)
+    rows = collect(folder)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    out = {"csv": folder / "report.csv", "markdown": folder / "report.md"}
+    with open(out["csv"], "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    out["markdown"].write_text(to_markdown(rows))
+    curve = plot_alpha_curve(rows, folder / "alpha_curve.png")
+    if curve is not None:
+        out["alpha_curve"] = curve
+    if use_wandb:
+        _log_wandb(folder, rows, columns, curve)
+    return out
+
+
+def _log_wandb(folder: Path, rows: list[dict], columns: list[str], curve: Path | None) -> None:
+    import wandb
+
+    run = wandb.init(
+        project="faceemd", name=f"report-{folder.name}", dir=str(folder), job_type="report"
+    )
+    try:
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        payload = {"report": table}
+        if curve is not None:
+            payload["alpha_curve"] = wandb.Image(str(curve))
+        run.log(payload)
+    finally:
+        run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m faceemd.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("folder", help="a run or multirun output folder")
+    parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.folder, args.wandb)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(Path(out["markdown"]).read_text())
+    for name, path in out.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
