@@ -57,3 +57,42 @@ def test_multirun_over_alpha(tmp_path):
     # alpha = 0 re-ranks by cosine only, so stage 2 equals stage 1
     assert alpha0["stage2/p_at_1"] == alpha0["stage1/p_at_1"]
     assert alpha0["stage2/map_at_r"] == alpha0["stage1/map_at_r"]
+
+
+def test_twelve_job_sweep_extracts_once_and_reports_twelve_rows(tmp_path):
+    _run(
+        [
+            "-m",
+            "logger=none",
+            "rerank.alpha=0,0.5,1",
+            "rerank.weighting=uniform,apc",
+            "rerank.grid=null,[4,4]",
+        ],
+        tmp_path,
+    )
+    (sweep_dir,) = tmp_path.glob("evaluate/multiruns/*")
+    runs = [json.loads(f.read_text()) for f in sweep_dir.glob("*/metrics.json")]
+    assert len(runs) == 12
+    # query and gallery are extracted by the first job only; the other 11 read the cache
+    assert sum(r["metrics"]["eval/extracted_sets"] for r in runs) == 2
+    assert sum(r["metrics"]["eval/cached_sets"] for r in runs) == 22
+    # the 4x4 jobs pooled the cached 8x8 grids: same stage 1, and alpha=0 equal to stage 1
+    assert len({r["metrics"]["stage1/p_at_1"] for r in runs}) == 1
+    report = subprocess.run(
+        [sys.executable, "-m", "faceemd.report", str(sweep_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert report.returncode == 0, report.stderr
+    rows = (sweep_dir / "report.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 12
+    table = (sweep_dir / "report.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 12 and "S2 P@1" in table[0]
+    assert (sweep_dir / "alpha_curve.png").stat().st_size > 1000
+
+
+def test_cache_off_extracts_every_time(tmp_path):
+    for _ in range(2):
+        _run(["cache=off", "logger=none"], tmp_path)
+    runs = [json.loads(f.read_text()) for f in tmp_path.glob("evaluate/runs/*/metrics.json")]
+    assert [r["metrics"]["eval/extracted_sets"] for r in runs] == [2, 2]
+    assert not (tmp_path / "cache").exists()

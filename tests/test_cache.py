@@ -1,0 +1,130 @@
+"""Feature cache: round trip, memory map, atomic writes, corruption, keys; grid pooling."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from faceemd.cache import FeatureCache, cache_key, state_dict_digest
+from faceemd.features import ExtractedFeatures, pool_patches
+from faceemd.models.backbones import ArcFaceResNet18
+
+from .conftest import ROOT
+
+
+def _features(n=6, grid=(4, 4), c=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lmk = torch.rand(n, 68, 2, generator=g) * 64
+    return ExtractedFeatures(
+        embeddings=torch.randn(n, 16, generator=g),
+        patches=torch.randn(n, grid[0] * grid[1], c, generator=g),
+        index=torch.arange(n) * 2,
+        landmarks=lmk,
+        grid_shape=grid,
+        image_size=(64, 64),
+        skipped=1,
+    )
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_round_trip_is_exact(tmp_path, mmap):
+    feats = _features()
+    cache = FeatureCache(tmp_path, mmap=mmap)
+    cache.save("ab" * 32, feats)
+    back = cache.load("ab" * 32)
+    for name in ("embeddings", "patches", "index", "landmarks"):
+        assert torch.equal(getattr(back, name), getattr(feats, name)), name
+    assert back.grid_shape == (4, 4) and back.image_size == (64, 64) and back.skipped == 1
+    assert cache.load("cd" * 32) is None
+
+
+def test_float16_store_halves_patches_within_fp16_precision(tmp_path):
+    feats = _features()
+    cache = FeatureCache(tmp_path, dtype="float16")
+    cache.save("ab" * 32, feats)
+    back = cache.load("ab" * 32)
+    assert back.patches.dtype == torch.float16
+    # fp16 has an 11-bit mantissa: relative error <= 2**-11 for normal numbers
+    torch.testing.assert_close(back.patches.float(), feats.patches, rtol=2**-11, atol=1e-4)
+
+
+def test_corrupted_entry_is_detected_removed_and_rebuilt(tmp_path, caplog):
+    feats = _features()
+    cache = FeatureCache(tmp_path)
+    path = cache.save("ab" * 32, feats)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip bits in the last tensor's bytes
+    path.write_bytes(bytes(data))
+    assert cache.load("ab" * 32) is None
+    assert "corrupt" in caplog.text and not path.exists()
+    cache.save("ab" * 32, feats)
+    assert torch.equal(cache.load("ab" * 32).patches, feats.patches)
+
+
+def test_truncated_entry_is_not_trusted(tmp_path):
+    cache = FeatureCache(tmp_path)
+    path = cache.save("ab" * 32, _features())
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert cache.load("ab" * 32) is None
+
+
+def test_writer_killed_before_rename_leaves_nothing_trusted(tmp_path):
+    """A child process dies (os._exit) between writing the data and renaming it into place."""
+    script = textwrap.dedent(
+        f"""
+        import os, torch
+        from faceemd import cache as c
+        from faceemd.features import ExtractedFeatures
+        c.os.replace = lambda *a: os._exit(9)   # the process is killed at this point
+        f = ExtractedFeatures(torch.zeros(3, 4), torch.zeros(3, 4, 2), torch.arange(3),
+                              torch.zeros(3, 68, 2), (2, 2), (8, 8))
+        c.FeatureCache({str(tmp_path)!r}).save("ab" * 32, f)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True)
+    assert out.returncode == 9, out.stderr.decode()[-2000:]
+    cache = FeatureCache(tmp_path)
+    assert not cache.path("ab" * 32).exists()
+    assert cache.load("ab" * 32) is None
+
+
+def test_key_depends_on_weights_and_set():
+    torch.manual_seed(0)
+    a = ArcFaceResNet18()
+    torch.manual_seed(1)
+    b = ArcFaceResNet18()
+    same = ArcFaceResNet18()
+    same.load_state_dict(a.state_dict())
+    assert state_dict_digest(a) == state_dict_digest(same)
+    assert state_dict_digest(a) != state_dict_digest(b)
+    s = {"type": "x", "seed": 0}
+    assert cache_key(weights=state_dict_digest(a), set=s) != cache_key(
+        weights=state_dict_digest(b), set=s
+    )
+    assert cache_key(weights="w", set=s) != cache_key(weights="w", set={**s, "seed": 1})
+    assert cache_key(weights="w", set=s) == cache_key(set=dict(reversed(s.items())), weights="w")
+
+
+def test_pool_patches_matches_hand_computed_block_means():
+    # 1 image, 4x4 grid, 1 channel holding 0..15 row-major; 2x2 pooling -> block means
+    patches = torch.arange(16.0).reshape(1, 16, 1)
+    pooled = pool_patches(patches, (4, 4), (2, 2))
+    expected = torch.tensor([[2.5], [4.5], [10.5], [12.5]])  # mean of {0,1,4,5}, {2,3,6,7}, ...
+    torch.testing.assert_close(pooled[0], expected)
+    assert pool_patches(patches, (4, 4), (4, 4)) is patches
+
+
+def test_to_bank_pools_attaches_labels_and_landmark_weights():
+    feats = _features(n=3)
+    feats.with_labels(torch.tensor([5, 6, 7, 8, 9, 10]))  # labels of set positions 0..5
+    bank = feats.to_bank((2, 2))
+    assert bank.patches.shape == (3, 4, 8)
+    assert bank.labels.tolist() == [5, 7, 9]  # rows hold positions 0, 2, 4
+    assert bank.lmk.shape == (3, 4)
+    torch.testing.assert_close(bank.lmk.sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match="finer"):
+        feats.to_bank((8, 8))
+    feats.landmarks[0, 0, 0] = float("nan")  # one image without landmarks: no LMK weights
+    assert feats.to_bank(None).lmk is None
