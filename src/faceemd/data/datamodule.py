@@ -10,6 +10,8 @@ Loaders yield dicts ``image (B, C, h, w)``, ``label (B,)``, ``index (B,)`` (posi
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 import numpy as np
 import torch
@@ -18,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from faceemd.data.transforms import FaceInput
 
 __all__ = ["IdentificationDataModule"]
+
+log = logging.getLogger(__name__)
 
 
 class _Prepared(Dataset):
@@ -88,6 +92,9 @@ class IdentificationDataModule(L.LightningDataModule):
         if self.gallery is not None:
             names |= set(self.gallery.label_names())
         self.vocab = {name: i for i, name in enumerate(sorted(names))}
+        for role, faces in (("query", self.query), ("gallery", self.gallery)):
+            if faces is not None and hasattr(faces, "summary"):
+                log.info("%s set: %s", role, faces.summary())
 
     def labels_of(self, faces) -> torch.Tensor:
         """Integer label of every position of ``faces`` (``(len(faces),)``, after setup)."""

@@ -1,4 +1,11 @@
-"""Face image sets on disk: LFW-style identity folders and ``relpath,label`` image lists.
+"""Face image sets on disk, one reader per distributed layout (``shared/docs/DATASETS.md``).
+
+- :class:`ImageFolderFaces`: identity folders ``<Name>/<Name>_NNNN.jpg`` (LFW, TALFW).
+- :class:`FlatFolderFaces`: one folder, identity parsed from the file name (CALFW and MLFW
+  ``<Name>_NNNN``, AgeDB ``<no>_<Name>_<age>_<g>``), optionally restricted to the images a pair
+  file names (MLFW ``pairs.txt``: ``img1 img2 label``; CALFW ``pairs_CALFW.txt``: ``img label``).
+- :class:`CfpFaces`: CFP ``Data/Images/<id>/{frontal,profile}/NN.jpg``.
+- :class:`ImageListFaces`: the public DeepFace-EMD ``relpath,label`` lists.
 
 Items are ``(image uint8 (H, W) or (H, W, 3), identity name, landmarks (68, 2) or NaN)``.
 Landmarks come from a ``landmarks68.tsv`` beside the images when one exists (format in
@@ -11,12 +18,28 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-__all__ = ["BadImageError", "ImageFolderFaces", "ImageListFaces", "read_image", "read_landmarks"]
+__all__ = [
+    "BadImageError",
+    "CfpFaces",
+    "FlatFolderFaces",
+    "ImageFolderFaces",
+    "ImageListFaces",
+    "LABEL_PATTERNS",
+    "read_image",
+    "read_landmarks",
+]
+
+# File-name patterns whose ``name`` group is the identity (flat layouts).
+LABEL_PATTERNS = {
+    "lfw": r"(?P<name>.+?)_\d{4}(?:_.*)?",  # CALFW, TALFW; MLFW adds a suffix
+    "agedb": r"\d+_(?P<name>.+)_\d+_[mfMF]",
+}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -68,7 +91,7 @@ class _FileFaces:
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.on_bad_image = on_bad_image
         tsv = self.root / "landmarks68.tsv" if landmarks is None else Path(landmarks)
-        self.landmarks = read_landmarks(tsv) if tsv.is_file() else {}
+        self.landmarks: dict[str, np.ndarray] = read_landmarks(tsv) if tsv.is_file() else {}
         self.files: list[str] = []
         self.labels: list[str] = []
 
@@ -77,6 +100,29 @@ class _FileFaces:
 
     def label_names(self) -> list[str]:
         return list(self.labels)
+
+    def summary(self) -> dict[str, int]:
+        """Identities, images and singleton identities (one image: never a relevant match
+        for itself)."""
+        counts: dict[str, int] = {}
+        for label in self.labels:
+            counts[label] = counts.get(label, 0) + 1
+        return {
+            "images": len(self.files),
+            "identities": len(counts),
+            "singletons": sum(1 for c in counts.values() if c == 1),
+        }
+
+    def _keep_identities(self, min_images: int) -> None:
+        """Drop identities with fewer than ``min_images`` images."""
+        if min_images <= 1:
+            return
+        counts: dict[str, int] = {}
+        for label in self.labels:
+            counts[label] = counts.get(label, 0) + 1
+        kept = [(f, lb) for f, lb in zip(self.files, self.labels, strict=True) if counts[lb] >= min_images]
+        self.files = [f for f, _ in kept]
+        self.labels = [lb for _, lb in kept]
 
     def fingerprint(self) -> dict:
         """Manifest digest (relative path, label, size, mtime of every file, landmarks) that
@@ -169,3 +215,101 @@ class ImageListFaces(_FileFaces):
                 self.labels.append(row[1].strip())
         if not self.files:
             raise ValueError(f"image list {list_file} is empty")
+
+
+class FlatFolderFaces(_FileFaces):
+    """All images of one folder, the identity parsed from each file name.
+
+    label_pattern: a key of :data:`LABEL_PATTERNS` or a regular expression with a ``name``
+    group, matched against the whole file stem. pairs_file: optional pair list; when
+    given, only the images it names are used (first whitespace-separated tokens that name an
+    image file). A file that does not match, two files with one stem, or a pair file naming a
+    missing image is an error that names the file.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        label_pattern: str = "lfw",
+        pairs_file: str | Path | None = None,
+        min_images_per_identity: int = 1,
+        on_bad_image: str = "error",
+        landmarks: str | None = None,
+    ) -> None:
+        super().__init__(root, on_bad_image, landmarks)
+        regex = re.compile(LABEL_PATTERNS.get(label_pattern, label_pattern))
+        if "name" not in regex.groupindex:
+            raise ValueError(f"label_pattern {label_pattern!r} has no (?P<name>...) group")
+        images = sorted(p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        stems: dict[str, str] = {}
+        for name in images:
+            stem = Path(name).stem
+            if stem in stems:
+                raise ValueError(
+                    f"duplicate image name {stem!r} in {self.root}: {stems[stem]} and {name}; "
+                    "remove one of them"
+                )
+            stems[stem] = name
+        if pairs_file is not None:
+            images = _images_in_pairs(Path(pairs_file), self.root, stems)
+        for name in images:
+            match = regex.fullmatch(Path(name).stem)
+            if match is None:
+                raise ValueError(
+                    f"cannot read an identity from {self.root / name} with pattern "
+                    f"{regex.pattern!r}; rename the file or set data.*.label_pattern"
+                )
+            self.files.append(name)
+            self.labels.append(match.group("name"))
+        self._keep_identities(min_images_per_identity)
+        if not self.files:
+            raise ValueError(f"no usable image under {self.root}")
+
+
+def _images_in_pairs(pairs_file: Path, root: Path, stems: dict[str, str]) -> list[str]:
+    """Distinct image files named in a pair list, in order of first mention."""
+    if not pairs_file.is_file():
+        raise FileNotFoundError(
+            f"pair file not found: {pairs_file} (download it with the dataset, or set "
+            "pairs_file: null to use every image of the folder)"
+        )
+    seen: dict[str, None] = {}
+    for line_no, line in enumerate(pairs_file.read_text().splitlines(), 1):
+        for token in line.split():
+            stem = Path(token).stem if Path(token).suffix.lower() in IMAGE_SUFFIXES else token
+            if Path(token).suffix.lower() in IMAGE_SUFFIXES:
+                if stem not in stems:
+                    raise BadImageError(
+                        f"{pairs_file}:{line_no} names {token}, which is not in {root}"
+                    )
+                seen.setdefault(stems[stem], None)
+    if not seen:
+        raise ValueError(f"pair file {pairs_file} names no image file")
+    return list(seen)
+
+
+class CfpFaces(_FileFaces):
+    """CFP layout ``root/Data/Images/<id>/<pose>/NN.jpg``; pose ``frontal`` or ``profile``;
+    the identity is the folder id (the paper's CFP protocol: profile queries vs frontal
+    gallery)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        pose: str = "frontal",
+        on_bad_image: str = "error",
+        landmarks: str | None = None,
+    ) -> None:
+        if pose not in ("frontal", "profile"):
+            raise ValueError(f"pose must be 'frontal' or 'profile', got {pose!r}")
+        super().__init__(root, on_bad_image, landmarks)
+        images = self.root / "Data" / "Images"
+        if not images.is_dir():
+            raise FileNotFoundError(f"{images} not found: is {self.root} the CFP root folder?")
+        for ident in sorted(p.name for p in images.iterdir() if p.is_dir()):
+            folder = images / ident / pose
+            names = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            self.files += [f"Data/Images/{ident}/{pose}/{n}" for n in names]
+            self.labels += [ident] * len(names)
+        if not self.files:
+            raise ValueError(f"no {pose} image under {images}")
