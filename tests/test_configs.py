@@ -16,7 +16,10 @@ GROUP_OPTIONS = {
     for group in ("data", "backbone", "rerank", "cache", "logger", "trainer")
 }
 # Options whose instantiation needs files outside the repo or user-supplied paths.
-NEEDS_FILES = {("data", "lfw_folder"), ("data", "image_list"), ("backbone", "mobilefacenet")}
+# (data protocols are instantiated on generated trees in test_protocols_on_generated_trees)
+NEEDS_FILES = {("data", o) for o in GROUP_OPTIONS["data"] if o != "synthetic"} | {
+    ("backbone", "mobilefacenet")
+}
 
 
 @pytest.mark.parametrize(
@@ -68,8 +71,11 @@ def test_config_tree_has_expected_groups():
 
 
 # Hydra plugin each sweep/launcher option needs (None: only the core).
-PLUGINS = {"optuna_alpha": "hydra_plugins.hydra_optuna_sweeper", "joblib":
-           "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher"}
+PLUGINS = {
+    "optuna_alpha": "hydra_plugins.hydra_optuna_sweeper",
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "slurm": "hydra_plugins.hydra_submitit_launcher",
+}
 SWEEP_SPACES = {
     "alpha": {"rerank.alpha": "0,0.3,0.5,0.7,1"},
     "top_k": {"rerank.top_k": "100,200,300"},
@@ -81,7 +87,11 @@ SWEEP_SPACES = {
 
 @pytest.mark.parametrize(
     "group,option",
-    [(g, p.stem) for g in ("sweep", "launcher") for p in sorted((ROOT / "conf" / g).glob("*.yaml"))],
+    [
+        (g, p.stem)
+        for g in ("sweep", "launcher")
+        for p in sorted((ROOT / "conf" / g).glob("*.yaml"))
+    ],
 )
 def test_sweep_and_launcher_options_compose(compose_evaluate, group, option):
     if option in PLUGINS:
@@ -93,3 +103,68 @@ def test_sweep_and_launcher_options_compose(compose_evaluate, group, option):
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
     if option == "slurm":
         assert "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+def _write_faces(folder, names, layout, with_landmarks=True):
+    """Synthetic faces written in a dataset layout; returns nothing, fills ``folder``."""
+    import cv2
+
+    from faceemd.data.synthetic import SyntheticFaces
+
+    faces = SyntheticFaces(len(names), 3, seed=0)
+    rows = []
+    for i in range(len(faces)):
+        image, _, lmk = faces[i]
+        who, k = names[i // 3], i % 3 + 1
+        rel = {
+            "lfw": f"{who}/{who}_{k:04d}.jpg",
+            "flat": f"{who}_{k:04d}.jpg",
+            "agedb": f"{i}_{who}_{30 + k}_m.jpg",
+            "cfp": f"Data/Images/{i // 3 + 1:03d}/{'profile' if k == 3 else 'frontal'}/{k:02d}.jpg",
+        }[layout]
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / rel), image)
+        rows.append("\t".join([rel, *(f"{v:.2f}" for v in lmk.reshape(-1))]))
+    if with_landmarks:
+        (folder / "landmarks68.tsv").write_text("\n".join(rows) + "\n")
+
+
+PROTOCOL_SIZES = {  # data option -> (queries, gallery or None for self-gallery)
+    "lfw": (12, None),
+    "lfw_crop": (12, 12),
+    "lfw_mask": (12, 12),
+    "lfw_sunglass": (12, 12),
+    "calfw_mask": (12, 12),
+    "calfw_sunglass": (12, 12),
+    "calfw_crop": (12, 12),
+    "agedb_mask": (12, 12),
+    "agedb_sunglass": (12, 12),
+    "agedb_crop": (12, 12),
+    "cfp_profile": (4, 8),
+    "mlfw": (12, 12),
+    "talfw": (12, 12),
+}
+
+
+def test_protocols_on_generated_trees(compose_evaluate, tmp_path):
+    names = ["Ann_Lee", "Bob_Hope", "Cy_Twombly", "Di_Fox"]
+    _write_faces(tmp_path / "lfw", names, "lfw")
+    _write_faces(tmp_path / "calfw", names, "flat")
+    _write_faces(tmp_path / "agedb", names, "agedb")
+    _write_faces(tmp_path / "cfp", names, "cfp")
+    _write_faces(tmp_path / "mlfw", names, "flat", with_landmarks=False)
+    _write_faces(tmp_path / "talfw", names, "flat", with_landmarks=False)
+    paths = [
+        f"paths.{d}_dir={tmp_path / d}" for d in ("lfw", "calfw", "agedb", "cfp", "mlfw", "talfw")
+    ]
+    assert set(PROTOCOL_SIZES) | {"synthetic", "image_list"} == set(GROUP_OPTIONS["data"])
+    for option, (nq, ng) in PROTOCOL_SIZES.items():
+        cfg = compose_evaluate([f"data={option}", f"paths.occluded_dir={tmp_path / 'occ'}", *paths])
+        dm = instantiate(cfg.data, face_input=build_face_input(cfg.backbone))
+        dm.setup("test")
+        assert len(dm.query) == nq, option
+        assert dm.same_images == (ng is None), option
+        if ng is not None:
+            assert len(dm.gallery) == ng, option
+            # every query identity has a relevant gallery image
+            assert set(dm.query.label_names()) <= set(dm.gallery.label_names()), option

@@ -17,11 +17,14 @@ TINY = [
 ]
 
 
-def _run(args, tmp_path):
+def _run(args, tmp_path, log_dir=True):
+    """evaluate.py with outputs under tmp_path (log_dir=False: the default relative
+    ``outputs`` folder, launched from tmp_path)."""
     env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    extra = [f"paths.log_dir={tmp_path}"] if log_dir else []
     out = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), *args, f"paths.log_dir={tmp_path}", *TINY],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "evaluate.py"), *args, *extra, *TINY],
+        cwd=ROOT if log_dir else tmp_path,
         env=env,
         capture_output=True,
         text=True,
@@ -47,8 +50,8 @@ def test_single_run_writes_metrics_and_logs(tmp_path):
 
 
 def test_multirun_over_alpha(tmp_path):
-    _run(["-m", "rerank.alpha=0,1", "logger=csv"], tmp_path)
-    files = sorted(tmp_path.glob("evaluate/multiruns/*/*/metrics.json"))
+    _run(["-m", "rerank.alpha=0,1", "logger=csv"], tmp_path, log_dir=False)
+    files = sorted(tmp_path.glob("outputs/evaluate/multiruns/*/*/metrics.json"))
     assert len(files) == 2
     runs = [json.loads(f.read_text()) for f in files]
     alphas = sorted(r["config"]["rerank"]["alpha"] for r in runs)
@@ -80,7 +83,10 @@ def test_twelve_job_sweep_extracts_once_and_reports_twelve_rows(tmp_path):
     assert len({r["metrics"]["stage1/p_at_1"] for r in runs}) == 1
     report = subprocess.run(
         [sys.executable, "-m", "faceemd.report", str(sweep_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert report.returncode == 0, report.stderr
     rows = (sweep_dir / "report.csv").read_text().strip().splitlines()

@@ -120,7 +120,11 @@ class _FileFaces:
         counts: dict[str, int] = {}
         for label in self.labels:
             counts[label] = counts.get(label, 0) + 1
-        kept = [(f, lb) for f, lb in zip(self.files, self.labels, strict=True) if counts[lb] >= min_images]
+        kept = [
+            (f, lb)
+            for f, lb in zip(self.files, self.labels, strict=True)
+            if counts[lb] >= min_images
+        ]
         self.files = [f for f, _ in kept]
         self.labels = [lb for _, lb in kept]
 

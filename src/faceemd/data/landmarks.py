@@ -20,9 +20,12 @@ __all__ = ["MIRROR_68", "OnnxLandmarker"]
 # Index of each point's mirror image in the iBUG-300W 68-point order.
 MIRROR_68 = np.array(
     list(range(16, -1, -1))  # jaw
-    + list(range(26, 21, -1)) + list(range(21, 16, -1))  # eyebrows
-    + [27, 28, 29, 30] + [35, 34, 33, 32, 31]  # nose
-    + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]  # eyes
+    + list(range(26, 21, -1))
+    + list(range(21, 16, -1))  # eyebrows
+    + [27, 28, 29, 30]
+    + [35, 34, 33, 32, 31]  # nose
+    + [45, 44, 43, 42, 47, 46]
+    + [39, 38, 37, 36, 41, 40]  # eyes
     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lips
     + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lips
 )

@@ -155,8 +155,12 @@ class OccludedFaces(_FileFaces):
                 except (BadImageError, NoFaceError) as err:
                     if self.on_bad_image != "skip":
                         raise
-                    entry = {"rel": rel, "status": "skipped", "reason": str(err),
-                             "source_index": index}
+                    entry = {
+                        "rel": rel,
+                        "status": "skipped",
+                        "reason": str(err),
+                        "source_index": index,
+                    }
                     skipped += 1
                 manifest.write(json.dumps(entry) + "\n")
                 manifest.flush()
@@ -175,5 +179,9 @@ class OccludedFaces(_FileFaces):
             raise ValueError(f"no occluded image could be made from the source set ({self.root})")
         log.info(
             "occluded set %s: %d images (%d new, %d reused, %d skipped in total)",
-            self.root, len(self.files), made, len(done) - made - skipped, len(self.skip_list),
+            self.root,
+            len(self.files),
+            made,
+            len(done) - made - skipped,
+            len(self.skip_list),
         )
