@@ -168,3 +168,40 @@ def test_protocols_on_generated_trees(compose_evaluate, tmp_path):
             assert len(dm.gallery) == ng, option
             # every query identity has a relevant gallery image
             assert set(dm.query.label_names()) <= set(dm.gallery.label_names()), option
+
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+TINY_SYNTHETIC = [
+    "data=synthetic",
+    "data.query.num_identities=4",
+    "data.query.images_per_identity=1",
+    "data.gallery.images_per_identity=2",
+    "rerank.top_k=3",
+    "backbone.weights=null",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def test_paper_experiments_are_all_there():
+    assert set(EXPERIMENTS) >= {
+        "paper_table1",
+        "paper_fig4_alpha",
+        "paper_table2",
+        "paper_table3",
+        "paper_table4",
+        "real_lfw_mobilefacenet",
+    }
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_on_tiny_data(compose_evaluate, tmp_path, name):
+    """The experiment's settings, with its data swapped for a tiny synthetic set and its
+    checkpoint for random weights (the real ones are downloads)."""
+    from faceemd.evaluation import run_evaluation
+
+    cfg = compose_evaluate([f"experiment={name}", f"paths.log_dir={tmp_path}", *TINY_SYNTHETIC])
+    assert cfg.hydra.sweeper.params, "an experiment defines its sweep"
+    results = run_evaluation(cfg)
+    assert results["eval/num_queries"] == 4
+    assert 0.0 <= results["stage2/p_at_1"] <= 1.0
