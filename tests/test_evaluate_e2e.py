@@ -35,7 +35,7 @@ def _run(args, tmp_path, log_dir=True):
 
 
 def test_single_run_writes_metrics_and_logs(tmp_path):
-    out = _run(["logger=default"], tmp_path)
+    out = _run(["logger=default", "visualize.num_queries=2"], tmp_path)
     files = list(tmp_path.glob("evaluate/runs/*/metrics.json"))
     assert len(files) == 1
     metrics = json.loads(files[0].read_text())["metrics"]
@@ -47,6 +47,13 @@ def test_single_run_writes_metrics_and_logs(tmp_path):
     assert list(run_dir.glob("wandb/offline-run-*")), "W&B offline run missing"
     assert list(run_dir.glob("csv/*/metrics.csv")), "CSV log missing"
     assert "stage2" in out.stdout
+    figures = sorted(run_dir.glob("visualize/query_*.png"))
+    assert [f.name for f in figures] == ["query_00000.png", "query_00001.png"]
+    import cv2
+
+    # 3 rows x (query + top 5) tiles of the 128x128 ArcFace input with 3 px borders
+    assert cv2.imread(str(figures[0])).shape == (3 * 134, 6 * 134, 3)
+    assert list(run_dir.glob("wandb/offline-run-*/files/media/images/visualize_*.png"))
 
 
 def test_multirun_over_alpha(tmp_path):

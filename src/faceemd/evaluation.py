@@ -12,7 +12,9 @@ import json
 import logging
 from pathlib import Path
 
+import cv2
 import lightning as L
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -24,6 +26,7 @@ from faceemd.emd.rerank import RerankConfig
 from faceemd.features import ExtractedFeatures
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.models.extractor import FaceFeatureExtractor
+from faceemd.visualize import save_figures
 
 __all__ = [
     "build_cache",
@@ -31,7 +34,9 @@ __all__ = [
     "feature_ingredients",
     "finish_loggers",
     "load_or_extract",
+    "log_figures",
     "print_results",
+    "render_figures",
     "rerank_config",
     "run_evaluation",
 ]
@@ -152,6 +157,49 @@ def load_or_extract(
     return feats, counters, is_zero
 
 
+def _input_image(faces, position: int, size: tuple[int, int]) -> np.ndarray:
+    """Set item ``position`` as the network sees it (resized), uint8."""
+    image = faces[position][0]
+    h, w = size
+    if image.shape[:2] != (h, w):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def render_figures(cfg, datamodule, feats, query, gallery, ranking, rerank) -> list[Path]:
+    """``visualize.num_queries`` (or the ids in ``visualize.queries``) ranking figures into
+    ``<output_dir>/visualize``; none by default."""
+    vis = cfg.get("visualize") or {}
+    ids = list(vis.get("queries") or range(min(int(vis.get("num_queries", 0)), len(query))))
+    if not ids:
+        return []
+    size = datamodule.face_input.size
+    grid = rerank.grid or feats["query"].grid_shape
+    q_pos, g_pos = feats["query"].index, feats["gallery" if "gallery" in feats else "query"].index
+    g_faces = datamodule.query if datamodule.same_images else datamodule.gallery
+    paths = save_figures(
+        Path(cfg.paths.output_dir) / "visualize",
+        ids,
+        query,
+        gallery,
+        ranking,
+        rerank,
+        grid,
+        lambda q: _input_image(datamodule.query, int(q_pos[q]), size),
+        lambda g: _input_image(g_faces, int(g_pos[g]), size),
+        top=int(vis.get("top", 5)),
+    )
+    log.info("wrote %d ranking figures to %s", len(paths), paths[0].parent)
+    return paths
+
+
+def log_figures(loggers: list, figures: list[Path]) -> None:
+    """Send the figures to every logger that takes images (W&B)."""
+    for lg in loggers:
+        if figures and hasattr(lg, "log_image"):
+            lg.log_image(key="visualize", images=[str(p) for p in figures], step=0)
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     """Run one evaluation job; returns the metrics dict (also written to metrics.json).
 
@@ -173,11 +221,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
-        results, _ = evaluate_features(query, gallery, rerank, same)
+        results, ranking = evaluate_features(query, gallery, rerank, same)
         results.update(counters)
         for lg in loggers:
             lg.log_metrics({k: float(v) for k, v in results.items()}, step=0)
             lg.save()
+        figures = render_figures(cfg, datamodule, feats, query, gallery, ranking, rerank)
+        log_figures(loggers, figures)
     finally:
         finish_loggers()
     out_dir = Path(cfg.paths.output_dir)
