@@ -8,6 +8,9 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# pytest-xdist runs one process per core: one thread each avoids oversubscribing the cores
+# (small batched matmuls slow down by 100x when OpenMP threads wait on descheduled peers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -42,3 +45,26 @@ needs_shared_weights = pytest.mark.skipif(
     not (MOBILEFACENET.is_file() and LFW_112.is_dir()),
     reason="../shared (real LFW faces and MobileFaceNet weights) is not present",
 )
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """compose(overrides) -> the train config with Hydra's runtime fields set."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _compose(overrides=(), output_dir=None):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir or tmp_path)
+            cfg.hydra.runtime.cwd = str(ROOT)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()

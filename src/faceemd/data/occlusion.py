@@ -12,7 +12,15 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-__all__ = ["OCCLUSIONS", "apply_occlusion", "overlay_mask", "overlay_sunglasses", "random_crop"]
+__all__ = [
+    "OCCLUSIONS",
+    "apply_occlusion",
+    "crop_keypoints",
+    "crop_window",
+    "overlay_mask",
+    "overlay_sunglasses",
+    "random_crop",
+]
 
 OCCLUSIONS = ("none", "mask", "sunglasses", "crop")
 
@@ -64,20 +72,35 @@ def overlay_sunglasses(image: np.ndarray, lmk: np.ndarray, rng: np.random.Genera
     return out
 
 
+def crop_window(
+    h: int, w: int, rng: np.random.Generator, fraction: float = 0.7
+) -> tuple[int, int, int, int]:
+    """``(y0, x0, ch, cw)`` of a random window holding ``fraction`` of each side."""
+    ch, cw = int(round(h * fraction)), int(round(w * fraction))
+    y0 = int(rng.integers(0, h - ch + 1))
+    x0 = int(rng.integers(0, w - cw + 1))
+    return y0, x0, ch, cw
+
+
+def crop_keypoints(
+    points: np.ndarray, window: tuple[int, int, int, int], h: int, w: int
+) -> np.ndarray:
+    """Map ``(N, 2)`` points into the window resized back to ``(h, w)``."""
+    y0, x0, ch, cw = window
+    return (points - [x0, y0]) * np.array([w / cw, h / ch])
+
+
 def random_crop(
     image: np.ndarray, lmk: np.ndarray | None, rng: np.random.Generator, fraction: float = 0.7
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Crop a random window of ``fraction`` of each side and resize it back (LFW-crop)."""
     h, w = image.shape[:2]
-    ch, cw = int(round(h * fraction)), int(round(w * fraction))
-    y0 = int(rng.integers(0, h - ch + 1))
-    x0 = int(rng.integers(0, w - cw + 1))
+    y0, x0, ch, cw = crop_window(h, w, rng, fraction)
     crop = image[y0 : y0 + ch, x0 : x0 + cw]
     out = cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR)
     if lmk is None:
         return out, None
-    scale = np.array([w / cw, h / ch])
-    return out, (lmk - [x0, y0]) * scale
+    return out, crop_keypoints(lmk, (y0, x0, ch, cw), h, w)
 
 
 def apply_occlusion(

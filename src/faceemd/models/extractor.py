@@ -8,7 +8,29 @@ from torch import nn
 
 from faceemd.emd.weights import grid_to_patches
 
-__all__ = ["FaceFeatureExtractor"]
+__all__ = ["FaceFeatureExtractor", "extract_batch"]
+
+
+def extract_batch(backbone: nn.Module, batch: dict, flip: bool = False) -> dict:
+    """Features of one loader batch (see :class:`FaceFeatureExtractor`), for any module whose
+    validation/test step feeds :class:`faceemd.callbacks.FeatureCollector`."""
+    if "image" not in batch:  # every image of the batch was bad and skipped
+        return {"skipped": batch["skipped"]}
+    x = batch["image"]
+    out = backbone(x)
+    embedding = out.embedding
+    if flip:
+        embedding = embedding + backbone(torch.flip(x, dims=[3])).embedding
+    return {
+        "embedding": embedding.float(),
+        "patches": grid_to_patches(out.grid).float(),
+        "grid_shape": tuple(out.grid.shape[-2:]),
+        "image_size": tuple(x.shape[-2:]),
+        "landmarks": batch["landmarks"].float(),
+        "label": batch["label"],
+        "index": batch["index"],
+        "skipped": batch["skipped"],
+    }
 
 
 class FaceFeatureExtractor(L.LightningModule):
@@ -29,23 +51,7 @@ class FaceFeatureExtractor(L.LightningModule):
         self.flip = flip
 
     def extract(self, batch: dict) -> dict:
-        if "image" not in batch:  # every image of the batch was bad and skipped
-            return {"skipped": batch["skipped"]}
-        x = batch["image"]
-        out = self.backbone(x)
-        embedding = out.embedding
-        if self.flip:
-            embedding = embedding + self.backbone(torch.flip(x, dims=[3])).embedding
-        return {
-            "embedding": embedding.float(),
-            "patches": grid_to_patches(out.grid).float(),
-            "grid_shape": tuple(out.grid.shape[-2:]),
-            "image_size": tuple(x.shape[-2:]),
-            "landmarks": batch["landmarks"].float(),
-            "label": batch["label"],
-            "index": batch["index"],
-            "skipped": batch["skipped"],
-        }
+        return extract_batch(self.backbone, batch, self.flip)
 
     def test_step(self, batch, batch_idx, dataloader_idx=0):
         return self.extract(batch)

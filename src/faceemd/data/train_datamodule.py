@@ -1,0 +1,153 @@
+"""Training data for finetuning: identity-labelled faces with masked augmentation (Sec. 4.3).
+
+:class:`TrainFaces` wraps any face set (a CASIA-WebFace / LFW-style identity folder, or the
+synthetic set) and, per item, either swaps in a precomputed masked copy (``masked_root`` holding
+the same relative paths, as the paper's ~415K-image set) with probability ``p_masked_copy``, or
+applies the albumentations pipeline of :func:`faceemd.data.augment.build_augment` (landmark-placed
+masks with probability ``p_mask``, flips, jitter). :class:`FaceTrainDataModule` serves it with a
+held-out identification set (an :class:`IdentificationDataModule`) for validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from faceemd.data.augment import build_augment
+from faceemd.data.datamodule import IdentificationDataModule, _collate
+from faceemd.data.folders import BadImageError, read_image
+from faceemd.data.transforms import FaceInput
+
+__all__ = ["FaceTrainDataModule", "TrainFaces"]
+
+
+class TrainFaces(Dataset):
+    """Items ``{"image": (C, h, w), "label": int}`` (None for an unreadable image, skipped).
+
+    faces: the face set; vocab: identity name -> class id; face_input: backbone input spec;
+    augment: keyword arguments of :func:`build_augment` (None: no augmentation);
+    masked_root / p_masked_copy: precomputed masked copies and how often to use them.
+    """
+
+    def __init__(
+        self,
+        faces,
+        vocab: dict[str, int],
+        face_input: FaceInput,
+        augment: dict | None = None,
+        masked_root: str | None = None,
+        p_masked_copy: float = 0.0,
+    ) -> None:
+        self.faces = faces
+        self.names = list(faces.label_names())
+        self.vocab = vocab
+        self.face_input = face_input
+        self.augment = build_augment(**augment) if augment else None
+        self.masked_root = Path(masked_root) if masked_root else None
+        if self.masked_root is not None and not self.masked_root.is_dir():
+            raise FileNotFoundError(f"masked copies folder not found: {self.masked_root}")
+        self.p_masked_copy = p_masked_copy
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+    def __getitem__(self, index: int):
+        item = self.faces[index]
+        if item is None:
+            return None
+        image, name, lmk = item
+        if self.masked_root is not None and np.random.random() < self.p_masked_copy:
+            rel = self.faces.files[index]
+            try:
+                image = read_image(self.masked_root / rel)
+                lmk = np.full((68, 2), np.nan, np.float32)  # the copy's landmarks are unknown
+            except BadImageError:
+                pass  # no masked copy of this image: train on the original
+        lmk = np.asarray(lmk, np.float32)
+        if self.augment is not None:
+            known = bool(np.isfinite(lmk).all())
+            out = self.augment(
+                image=image, keypoints=lmk if known else np.zeros((0, 2), np.float32)
+            )
+            image = out["image"]
+            lmk = np.asarray(out["keypoints"], np.float32) if known else lmk
+        x, _ = self.face_input(np.ascontiguousarray(image), lmk)
+        return {"image": x, "label": self.vocab[name]}
+
+
+class FaceTrainDataModule(L.LightningDataModule):
+    """train: the training face set; val: an identification datamodule (query vs gallery) whose
+    metrics the re-ranking callback computes; face_input: set from the backbone config."""
+
+    def __init__(
+        self,
+        train,
+        val: IdentificationDataModule | None = None,
+        face_input: FaceInput | None = None,
+        augment: dict | None = None,
+        masked_root: str | None = None,
+        p_masked_copy: float = 0.0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.train_faces = train
+        self.val = val
+        self.face_input = face_input
+        self.augment = augment
+        self.masked_root = masked_root
+        self.p_masked_copy = p_masked_copy
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        names = sorted(set(train.label_names()))
+        if not names:
+            raise ValueError("the training set has no identity")
+        self.vocab = {n: i for i, n in enumerate(names)}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def same_images(self) -> bool:
+        return self.val is not None and self.val.same_images
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.face_input is None:
+            raise ValueError("FaceTrainDataModule needs face_input (the backbone's input spec)")
+        if self.val is not None:
+            self.val.face_input = self.face_input
+            self.val.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        data = TrainFaces(
+            self.train_faces,
+            self.vocab,
+            self.face_input,
+            dict(self.augment) if self.augment else None,
+            self.masked_root,
+            self.p_masked_copy,
+        )
+        return DataLoader(
+            data,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(data) >= self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=_train_collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self):
+        return [] if self.val is None else self.val.val_dataloader()
+
+
+def _train_collate(items):
+    batch = _collate(items)
+    if "label" in batch:
+        batch["label"] = torch.as_tensor(batch["label"], dtype=torch.long)
+    return batch

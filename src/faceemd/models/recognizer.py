@@ -1,0 +1,100 @@
+"""Face-recognition training module: any configured backbone plus a margin head (paper Sec. 4.3).
+
+:class:`FaceRecognizer` trains the backbone's embedding through a classification head
+(:mod:`faceemd.models.heads`) and validates it as the paper evaluates it: its validation step
+returns features that :class:`faceemd.callbacks.RerankEvaluation` ranks (masked queries vs a
+clean gallery), logging ``stage1/*`` and ``stage2/*``. Every constructor argument is a plain
+mapping saved as hyperparameters, so ``FaceRecognizer.load_from_checkpoint(path)`` needs no
+extra argument. Pretrained backbone weights (``backbone.weights``) are loaded in ``setup`` of a
+fit, before Lightning restores a resumed checkpoint, and never on ``load_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from faceemd.models.checkpoint import load_backbone_weights
+from faceemd.models.extractor import extract_batch
+from faceemd.models.heads import focal_loss
+
+__all__ = ["FaceRecognizer"]
+
+
+class FaceRecognizer(L.LightningModule):
+    """backbone: the ``conf/backbone`` mapping (``net``, ``weights``, ``ignore_keys``, ``input``,
+    ``flip_test``); head: a ``_target_`` mapping of a head class (its ``embedding_dim`` and
+    ``num_classes`` are filled in); num_classes: training identities; optimizer / scheduler:
+    ``_target_`` mappings (``_partial_`` is implied); loss: ``ce`` or ``focal``."""
+
+    def __init__(
+        self,
+        backbone: dict,
+        head: dict,
+        num_classes: int,
+        optimizer: dict,
+        scheduler: dict | None = None,
+        loss: str = "ce",
+        focal_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if loss not in ("ce", "focal"):
+            raise ValueError(f"loss must be 'ce' or 'focal', got {loss!r}")
+        self.save_hyperparameters()
+        self.backbone = instantiate(backbone["net"])
+        h, w = backbone["input"]["size"]
+        with torch.no_grad():
+            self.backbone.eval()
+            dim = self.backbone(torch.zeros(2, backbone["input"]["channels"], h, w)).embedding
+        self.backbone.train()
+        self.head = instantiate(head, embedding_dim=dim.shape[1], num_classes=num_classes)
+        self.flip_val = bool(backbone.get("flip_test", False))
+
+    def setup(self, stage: str) -> None:
+        weights = self.hparams.backbone.get("weights")
+        if stage == "fit" and weights:
+            load_backbone_weights(
+                self.backbone,
+                weights,
+                ignore_keys=list(self.hparams.backbone.get("ignore_keys") or []),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(B, D)`` of images ``(B, C, h, w)``."""
+        return self.backbone(x).embedding
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self.head(self(batch["image"]), batch["label"])
+        if self.hparams.loss == "focal":
+            loss = focal_loss(logits, batch["label"], self.hparams.focal_gamma)
+        else:
+            loss = F.cross_entropy(logits.float(), batch["label"])
+        acc = (logits.argmax(1) == batch["label"]).float().mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        self.log("train/acc", acc, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
+        return extract_batch(self.backbone, batch, self.flip_val)
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        opt_cfg = OmegaConf.create(dict(self.hparams.optimizer))
+        optimizer = instantiate(opt_cfg, params=self.parameters(), _partial_=False)
+        if not self.hparams.scheduler:
+            return optimizer
+        sched_cfg = dict(self.hparams.scheduler)
+        interval = sched_cfg.pop("interval", "epoch")
+        scheduler = instantiate(OmegaConf.create(sched_cfg), optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The plain backbone state dict that ``evaluate.py backbone.weights=...`` loads."""
+        return {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}

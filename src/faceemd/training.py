@@ -1,0 +1,119 @@
+"""The finetuning job behind ``train.py``.
+
+Builds the datamodule (training faces with masked augmentation + a held-out identification set),
+the :class:`faceemd.models.recognizer.FaceRecognizer` and a Lightning Trainer with
+``ModelCheckpoint`` (best by ``monitor`` and last), ``LearningRateMonitor``,
+``SaveOnInterrupt`` (an interrupted run leaves ``last.ckpt``) and the re-ranking
+evaluation callback; fits (resuming from ``ckpt_path`` when set) and exports the best
+backbone as a plain state dict, ``<output_dir>/export/backbone.pt``. W&B is always finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from faceemd.callbacks import RerankEvaluation
+from faceemd.evaluation import build_loggers, finish_loggers, rerank_config
+from faceemd.models.build import build_face_input
+from faceemd.models.recognizer import FaceRecognizer
+
+__all__ = ["SaveOnInterrupt", "export_backbone", "run_training"]
+
+log = logging.getLogger(__name__)
+
+
+class SaveOnInterrupt(L.Callback):
+    """Write ``last.ckpt`` when fitting stops on an exception (Ctrl+C, OOM, a crash).
+
+    Lightning's ``OnExceptionCheckpoint`` would do the same but also makes every later
+    ``fit(ckpt_path=None)`` resume from "last", which a fresh run must not do.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        trainer.save_checkpoint(self.path)
+        log.warning("%s stopped the run: saved %s", type(exception).__name__, self.path)
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the backbone weights of a training checkpoint as a plain state dict."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    if not backbone:
+        raise ValueError(f"{checkpoint} holds no backbone.* weights: not a train.py checkpoint")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backbone, out)
+    return out
+
+
+def run_training(cfg: DictConfig) -> dict[str, float]:
+    """Fit, export, return the last logged metrics (floats)."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone))
+    container = OmegaConf.to_container(cfg, resolve=True)
+    model = FaceRecognizer(
+        backbone=container["backbone"],
+        head=container["head"],
+        num_classes=datamodule.num_classes,
+        optimizer=container["optimizer"],
+        scheduler=container.get("scheduler") or None,
+        loss=cfg.loss,
+        focal_gamma=cfg.focal_gamma,
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    has_val = datamodule.val is not None
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best-{epoch:03d}-{step:06d}",
+        monitor=cfg.monitor if has_val else None,
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+    )
+    callbacks = [
+        checkpoint,
+        LearningRateMonitor(logging_interval="step"),
+        SaveOnInterrupt(ckpt_dir / "last.ckpt"),
+    ]
+    if has_val:
+        callbacks.append(RerankEvaluation(rerank_config(cfg.rerank)))
+    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = build_loggers(cfg.get("logger"))
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        for lg in loggers:
+            lg.log_hyperparams(container)
+        resume = {"ckpt_path": cfg.ckpt_path} if cfg.get("ckpt_path") else {}
+        trainer.fit(model, datamodule=datamodule, **resume)
+    finally:
+        finish_loggers()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        best = checkpoint.best_model_path or checkpoint.last_model_path
+        exported = export_backbone(best, out_dir / "export" / "backbone.pt") if best else None
+        summary = {
+            "metrics": metrics,
+            "best_checkpoint": best,
+            "exported_backbone": str(exported) if exported else None,
+            "global_step": trainer.global_step,
+        }
+        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        if exported:
+            log.info("best checkpoint %s; backbone exported to %s", best, exported)
+        else:
+            log.info("no checkpoint was written (e.g. fast_dev_run): nothing exported")
+    return metrics

@@ -1,0 +1,212 @@
+"""Finetuning: margin heads against hand-computed logits, train.py runs, resume, interrupt."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from faceemd.models.heads import ArcFaceHead, CosFaceHead, SoftmaxHead, SphereFaceHead, focal_loss
+
+from .conftest import ROOT
+
+TINY_TRAIN = [
+    "train_data.train.num_identities=12",
+    "train_data.train.images_per_identity=6",
+    "train_data.val.query.num_identities=10",
+    "train_data.batch_size=24",
+    "rerank.top_k=5",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+
+def _two_class(head, theta):
+    """Unit embedding at angle ``theta`` from class 0's weight (class 1 at pi/2)."""
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    x = torch.tensor([[math.cos(theta), math.sin(theta)]])
+    return head(x, torch.tensor([0]))[0]
+
+
+def test_arcface_logits_by_hand():
+    head = ArcFaceHead(2, 2, s=30.0, m=0.5)
+    # theta_0 = 1 rad: target cos(1.5); other class at pi/2 - 1 rad
+    torch.testing.assert_close(
+        _two_class(head, 1.0), torch.tensor([30 * math.cos(1.5), 30 * math.cos(math.pi / 2 - 1.0)])
+    )
+    # theta_0 = 3 rad > pi - m: fallback cos(theta) - m * sin(m) (= sin(pi - m) * m)
+    fallback = math.cos(3.0) - math.sin(0.5) * 0.5
+    torch.testing.assert_close(_two_class(head, 3.0)[0], torch.tensor(30 * fallback))
+    easy = ArcFaceHead(2, 2, s=30.0, m=0.5, easy_margin=True)
+    torch.testing.assert_close(_two_class(easy, 3.0)[0], torch.tensor(30 * math.cos(3.0)))
+
+
+def test_cosface_logits_by_hand():
+    head = CosFaceHead(2, 2, s=30.0, m=0.35)
+    torch.testing.assert_close(
+        _two_class(head, 1.0),
+        torch.tensor([30 * (math.cos(1.0) - 0.35), 30 * math.cos(math.pi / 2 - 1.0)]),
+    )
+
+
+def test_sphereface_logits_by_hand():
+    head = SphereFaceHead(2, 2, m=4, base=0.0, lambda_min=0.0)  # lambda = 0: pure A-Softmax
+    # theta = 1 rad: k = floor(4 / pi) = 1, psi = (-1)^1 cos(4) - 2
+    torch.testing.assert_close(
+        _two_class(head, 1.0), torch.tensor([-math.cos(4.0) - 2.0, math.cos(math.pi / 2 - 1.0)])
+    )
+    annealed = SphereFaceHead(2, 2, m=4, base=1000.0, lambda_min=5.0)
+    lam = 1000.0
+    expected = (lam * math.cos(1.0) + (-math.cos(4.0) - 2.0)) / (1 + lam)
+    torch.testing.assert_close(_two_class(annealed, 1.0)[0], torch.tensor(expected))
+
+
+def test_softmax_and_focal_loss():
+    head = SoftmaxHead(2, 2)
+    assert head(torch.randn(3, 2)).shape == (3, 2)
+    logits = torch.tensor([[2.0, 0.0]])
+    p = math.exp(2) / (math.exp(2) + 1)
+    torch.testing.assert_close(
+        focal_loss(logits, torch.tensor([0])), torch.tensor(-((1 - p) ** 2) * math.log(p))
+    )
+
+
+@pytest.mark.parametrize("head", ["arcface", "cosface", "sphereface", "softmax"])
+def test_fast_dev_run_per_head(compose_train, head):
+    from faceemd.training import run_training
+
+    cfg = compose_train([f"head={head}", "++trainer.fast_dev_run=true", *TINY_TRAIN])
+    metrics = run_training(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    assert 0.0 <= metrics["stage1/p_at_1"] <= 1.0
+
+
+def _validate_p_at_1(cfg, model, datamodule):
+    from faceemd.callbacks import RerankEvaluation
+    from faceemd.evaluation import rerank_config
+
+    evaluation = RerankEvaluation(rerank_config(cfg.rerank))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        callbacks=[evaluation],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    return evaluation.results["stage1/p_at_1"]
+
+
+def test_short_run_lowers_loss_and_beats_the_untrained_model(compose_train, tmp_path):
+    import csv
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from faceemd.models.build import build_face_input
+    from faceemd.models.recognizer import FaceRecognizer
+    from faceemd.training import run_training
+
+    cfg = compose_train(["trainer.max_epochs=4", *TINY_TRAIN])
+    L.seed_everything(cfg.seed)
+    dm = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone))
+    c = OmegaConf.to_container(cfg, resolve=True)
+    untrained = FaceRecognizer(c["backbone"], c["head"], dm.num_classes, c["optimizer"])
+    before = _validate_p_at_1(cfg, untrained, dm)
+    metrics = run_training(cfg)
+    assert metrics["stage1/p_at_1"] > before
+    (log,) = tmp_path.glob("csv/*/metrics.csv")
+    epoch_loss = [
+        float(r["train/loss_epoch"]) for r in csv.DictReader(open(log)) if r.get("train/loss_epoch")
+    ]
+    assert len(epoch_loss) == 4 and epoch_loss[-1] < epoch_loss[0]
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    exported = torch.load(summary["exported_backbone"], weights_only=True)
+    assert set(exported) == set(untrained.backbone.state_dict())
+    # evaluate.py's loader (strict) takes the export as backbone.weights
+    from faceemd.models.build import build_backbone
+
+    net = build_backbone(OmegaConf.merge(cfg.backbone, {"weights": summary["exported_backbone"]}))
+    torch.testing.assert_close(net.state_dict()["fc.weight"], exported["fc.weight"])
+
+
+def test_resume_restores_step_count_and_optimizer_state(compose_train, tmp_path):
+    from faceemd.training import run_training
+
+    first = compose_train(["trainer.max_epochs=1", *TINY_TRAIN], output_dir=tmp_path / "a")
+    run_training(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    steps_per_epoch = saved["global_step"]
+    assert steps_per_epoch > 0
+
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["step"] = trainer.global_step
+            seen["optimizer"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+    second = compose_train(
+        ["trainer.max_epochs=2", f"ckpt_path={last}", *TINY_TRAIN], output_dir=tmp_path / "b"
+    )
+    import faceemd.training as training
+
+    original = training.instantiate
+
+    def with_capture(cfg, *args, **kwargs):
+        if "callbacks" in kwargs:
+            kwargs["callbacks"] = [*kwargs["callbacks"], Capture()]
+        return original(cfg, *args, **kwargs)
+
+    training.instantiate = with_capture
+    try:
+        run_training(second)
+    finally:
+        training.instantiate = original
+    assert seen["step"] == steps_per_epoch
+    state = seen["optimizer"]["state"]
+    saved_state = saved["optimizer_states"][0]["state"]
+    assert state.keys() == saved_state.keys() and state
+    for k in saved_state:
+        torch.testing.assert_close(state[k]["momentum_buffer"], saved_state[k]["momentum_buffer"])
+    final = json.loads((tmp_path / "b" / "train_summary.json").read_text())
+    assert final["global_step"] == 2 * steps_per_epoch
+
+
+def test_keyboard_interrupt_leaves_last_checkpoint_and_finished_wandb(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"paths.log_dir={tmp_path}",
+            "logger=default",
+            "+callbacks.stop._target_=tests.helpers.InterruptAt",
+            "+callbacks.stop.batch=2",
+            *[a for a in TINY_TRAIN if not a.startswith("logger")],
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    (run_dir,) = tmp_path.glob("train/runs/*")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["global_step"] == 2
+    from faceemd.models.recognizer import FaceRecognizer
+
+    model = FaceRecognizer.load_from_checkpoint(last, weights_only=True)
+    assert model.backbone(torch.zeros(2, 1, 64, 64)).embedding.shape == (2, 128)
+    (wandb_run,) = run_dir.glob("wandb/offline-run-*")
+    # wandb.finish() ran (offline runs record it in their debug log)
+    assert "finishing run" in (wandb_run / "logs" / "debug.log").read_text()

@@ -1,0 +1,25 @@
+"""Finetuning: ``python train.py [group=option ...]`` (masked-augmentation ArcFace, Sec. 4.3).
+
+Composes ``conf/train.yaml``; all logic lives in :mod:`faceemd.training`. Writes checkpoints
+(best and last) and ``export/backbone.pt``, which ``evaluate.py backbone.weights=...`` loads.
+"""
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from faceemd.training import run_training  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run_training(cfg)
+    metric = cfg.get("optimized_metric")
+    return None if metric is None or metric not in metrics else float(metrics[metric])
+
+
+if __name__ == "__main__":
+    main()
