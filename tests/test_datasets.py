@@ -210,3 +210,46 @@ def test_onnx_landmarks_agree_with_the_distributed_annotations():
     # same model, different crop and frame: normalised mean error ~2.5% of the eye distance
     assert np.median(errors) < 0.06, errors
     assert five_points(found).shape == (5, 2)
+
+
+def test_albumentations_occluder_masks_mouth_and_moves_keypoints():
+    from faceemd.data.augment import build_augment
+
+    image, _, lmk = SyntheticFaces(1, 1, seed=4)[0]
+    masked = build_augment(p_occlusion=1.0, kinds=["mask"], p_flip=0, p_jitter=0, seed=0)(
+        image=image, keypoints=lmk
+    )
+    changed = masked["image"].astype(int) != image
+    mouth = lmk[48:68].mean(0).round().astype(int)
+    eye = lmk[36:42].mean(0).round().astype(int)
+    assert changed[mouth[1], mouth[0]] and not changed[eye[1], eye[0]]
+    np.testing.assert_allclose(masked["keypoints"], lmk, atol=1e-4)  # overlays keep the points
+    cropped = build_augment(p_occlusion=1.0, kinds=["crop"], p_flip=0, p_jitter=0, seed=0)(
+        image=image, keypoints=lmk
+    )
+    # a 70% window resized back magnifies distances by 1/0.7
+    span = np.ptp(np.asarray(cropped["keypoints"])[:, 0])
+    assert span == pytest.approx(np.ptp(lmk[:, 0]) * 128 / round(128 * 0.7), rel=1e-3)
+    flipped = build_augment(p_occlusion=0, p_flip=1.0, p_jitter=0, seed=0)(
+        image=image, keypoints=lmk
+    )
+    pts = np.asarray(flipped["keypoints"])
+    # after mirroring, point 36 (image-left eye corner) is the mirror of old point 45
+    assert pts[36, 0] == pytest.approx(128 - 1 - lmk[45, 0], abs=1.01)
+    assert np.array_equal(flipped["image"], image[:, ::-1])
+
+
+def test_train_faces_use_precomputed_masked_copies(tmp_path):
+    from faceemd.data.folders import ImageFolderFaces
+    from faceemd.data.train_datamodule import TrainFaces
+    from faceemd.data.transforms import FaceInput
+
+    _img(tmp_path / "orig" / "Ann" / "Ann_0001.jpg", seed=1)
+    (tmp_path / "masked" / "Ann").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "masked" / "Ann" / "Ann_0001.jpg"), np.zeros((24, 20), np.uint8))
+    faces = ImageFolderFaces(tmp_path / "orig")
+    spec = FaceInput((24, 20), 1, 0.0, 1.0)
+    always = TrainFaces(faces, {"Ann": 0}, spec, None, str(tmp_path / "masked"), p_masked_copy=1.0)
+    never = TrainFaces(faces, {"Ann": 0}, spec, None, str(tmp_path / "masked"), p_masked_copy=0.0)
+    assert float(always[0]["image"].abs().max()) == 0.0
+    assert float(never[0]["image"].abs().max()) > 0.0 and never[0]["label"] == 0
