@@ -18,7 +18,8 @@ from faceemd.evaluation import run_evaluation  # noqa: E402
 def main(cfg: DictConfig) -> float | None:
     results = run_evaluation(cfg)
     metric = cfg.get("optimized_metric")
-    return None if metric is None else float(results[metric])
+    # processes other than rank 0 of a distributed run return no metrics
+    return float(results[metric]) if metric and metric in results else None
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@
 and restores set order by index (a distributed sampler pads and interleaves, and ranks may skip
 different numbers of bad images). ``evaluate.py`` uses it to fill the feature cache.
 :class:`RerankEvaluation` additionally ranks and scores at the end of the epoch (dataloaders
-``[query, gallery]``, or ``[query]`` when the query set is its own gallery), on rank 0, then
-broadcasts and logs ``stage1/*`` and ``stage2/*``; finetuning validation uses it.
+``[query, gallery]``, or ``[query]`` when the query set is its own gallery), each process
+ranking a block of the queries, and logs ``stage1/*`` and ``stage2/*``; finetuning validation
+uses it.
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ def evaluate_features(
 
     same_images: query row i is gallery row i (excluded from its own ranking).
     Returns ``(metrics, ranking)``; metric keys ``stage{1,2}/{p_at_1,r_precision,map_at_r}``,
-    ``stage1/max_precision_at_k`` and ``eval/*`` counts and seconds.
+    ``stage1/max_precision_at_k`` and ``eval/*`` counts and seconds. Inside a process group
+    (DDP), every process must call it: each ranks a contiguous block of the queries and the
+    blocks are gathered, so all processes return the same full result.
     """
     exclude = torch.arange(len(query)) if same_images else None
     r = relevant_counts(query.labels, gallery.labels, exclude)
     depth = max(int(r.max()) if len(r) else 1, cfg.top_k, 1)
-    ranking = two_stage_rank(query, gallery, cfg, exclude, depth)
+    ranking = _sharded_rank(query, gallery, cfg, exclude, depth)
     hits1 = hits_from_ranking(ranking.stage1_index, query.labels, gallery.labels)
     hits2 = hits_from_ranking(ranking.stage2_index, query.labels, gallery.labels)
     m1 = identification_metrics(hits1, r, hits1, cfg.top_k)
@@ -138,7 +141,7 @@ class RerankEvaluation(FeatureCollector):
 
     rerank: the stage-2 settings (a :class:`RerankConfig` or a mapping of its fields).
     same_images: override of the datamodule's ``same_images`` (query set = gallery).
-    The last metrics and ranking stay in ``self.results`` and ``self.ranking`` (rank 0).
+    The last metrics and ranking stay in ``self.results`` and ``self.ranking``.
     """
 
     def __init__(self, rerank: RerankConfig | dict | None = None, same_images: bool | None = None):
@@ -159,19 +162,52 @@ class RerankEvaluation(FeatureCollector):
             same = bool(getattr(trainer.datamodule, "same_images", False))
         query = self.features[0]
         gallery = query if same else self.features[1]
-        results: dict[str, float] = {}
-        if trainer.is_global_zero:
-            results, self.ranking = evaluate_features(
-                query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg, same
-            )
-            results["eval/extract_seconds"] = self.extract_seconds
-            results["eval/skipped_images"] = query.skipped + (0 if same else gallery.skipped)
-        results = trainer.strategy.broadcast(results, src=0)
+        # every process ranks a block of queries; all end with the same gathered result
+        results, self.ranking = evaluate_features(
+            query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg, same
+        )
+        results["eval/extract_seconds"] = self.extract_seconds
+        results["eval/skipped_images"] = query.skipped + (0 if same else gallery.skipped)
         self.results = results
         pl_module.log_dict({k: float(v) for k, v in results.items()}, sync_dist=False)
 
     on_validation_epoch_end = _end
     on_test_epoch_end = _end
+
+
+def _sharded_rank(
+    query: FeatureBank, gallery: FeatureBank, cfg: RerankConfig, exclude: Tensor | None, depth: int
+) -> Ranking:
+    """Two-stage ranking of this process's block of queries, gathered from every process."""
+    dist = torch.distributed
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if world == 1:
+        return two_stage_rank(query, gallery, cfg, exclude, depth)
+    rank = dist.get_rank()
+    bounds = [len(query) * i // world for i in range(world + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    block = FeatureBank(
+        query.embeddings[lo:hi],
+        query.patches[lo:hi],
+        query.labels[lo:hi],
+        None if query.lmk is None else query.lmk[lo:hi],
+    )
+    mine = (
+        two_stage_rank(block, gallery, cfg, None if exclude is None else exclude[lo:hi], depth)
+        if hi > lo
+        else None
+    )
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    parts = [p for p in parts if p is not None]
+    return Ranking(
+        torch.cat([p.stage1_index for p in parts]),
+        torch.cat([p.stage1_score for p in parts]),
+        torch.cat([p.stage2_index for p in parts]),
+        torch.cat([p.stage2_score for p in parts]),
+        max(p.stage1_seconds for p in parts),
+        max(p.stage2_seconds for p in parts),
+    )
 
 
 def _gather_rows(trainer: L.Trainer, pl_module: L.LightningModule, parts: dict) -> dict:

@@ -15,10 +15,12 @@ from pathlib import Path
 import cv2
 import lightning as L
 import numpy as np
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from torch.utils.data import Subset
 
 from faceemd.cache import FeatureCache, cache_key, state_dict_digest
 from faceemd.callbacks import FeatureCollector, evaluate_features
@@ -31,6 +33,7 @@ from faceemd.visualize import save_figures
 __all__ = [
     "build_cache",
     "build_loggers",
+    "check_features",
     "feature_ingredients",
     "finish_loggers",
     "load_or_extract",
@@ -112,45 +115,95 @@ def feature_ingredients(
     }
 
 
+def check_features(name: str, feats: ExtractedFeatures, faces) -> None:
+    """Raise ``ValueError`` naming the images whose features hold NaN/Inf (never cached)."""
+    bad = ~torch.isfinite(feats.embeddings).all(1) | ~torch.isfinite(
+        feats.patches.reshape(len(feats), -1)
+    ).all(1)
+    if bool(bad.any()):
+        files = getattr(faces, "files", None)
+        ids = [files[i] if files else f"#{i}" for i in feats.index[bad].tolist()]
+        shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
+        raise ValueError(
+            f"{name} features of {len(ids)} image(s) hold NaN/Inf: {shown}; check those images "
+            "(blank or corrupt?) and the backbone weights (half precision can overflow: try "
+            "trainer.precision=32)"
+        )
+
+
+def _parts(n: int, chunk: int) -> list[tuple[int, int]]:
+    chunk = chunk if chunk and chunk > 0 else max(n, 1)
+    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+
+
+def _concat(parts: list[tuple[tuple[int, int], ExtractedFeatures]]) -> ExtractedFeatures:
+    """One set's features from its parts (indices offset to set positions)."""
+    if len(parts) == 1 and parts[0][0][0] == 0:
+        return parts[0][1]
+    first = parts[0][1]
+    return ExtractedFeatures(
+        embeddings=torch.cat([f.embeddings for _, f in parts]),
+        patches=torch.cat([f.patches for _, f in parts]),
+        index=torch.cat([f.index + a for (a, _), f in parts]),
+        landmarks=torch.cat([f.landmarks for _, f in parts]),
+        grid_shape=first.grid_shape,
+        image_size=first.image_size,
+        skipped=sum(f.skipped for _, f in parts),
+    )
+
+
 def load_or_extract(
     cfg: DictConfig, backbone, datamodule, loggers: list
 ) -> tuple[dict[str, ExtractedFeatures], dict[str, float], bool]:
     """Features of the query set (and gallery set) from the cache, extracting what is missing.
 
-    Extraction runs Lightning's test loop on the configured Trainer (devices, strategy) with a
-    :class:`FeatureCollector`; rank 0 then writes each new set to the cache. Returns
-    ``(features by set name, eval/* counters, is_global_zero)``; features carry labels.
+    Each set is cut into parts of ``cache.chunk_images`` images; every part is cached as soon
+    as it is extracted, so a killed run resumes at the first missing part. Extraction runs
+    Lightning's test loop on the configured Trainer (devices, strategy) with a
+    :class:`FeatureCollector`; rank 0 writes the cache. Returns ``(features by set name,
+    eval/* counters, is_global_zero)``; features carry labels.
     """
     sets = {"query": datamodule.query}
     if not datamodule.same_images:
         sets["gallery"] = datamodule.gallery
-    cache = build_cache(cfg.get("cache"))
-    keys: dict[str, str | None] = {}
-    ingredients: dict[str, dict | None] = {}
-    feats: dict[str, ExtractedFeatures | None] = {}
+    cache_cfg = cfg.get("cache") or {}
+    cache = build_cache(cache_cfg)
     digest = state_dict_digest(backbone) if cache else ""
+    units = []  # (set name, (start, stop), key, ingredients)
     for name, faces in sets.items():
-        ingredients[name] = cache and feature_ingredients(digest, faces, cfg.backbone, cache.dtype)
-        keys[name] = cache_key(**ingredients[name]) if ingredients[name] else None
-        feats[name] = cache.load(keys[name]) if keys[name] else None
-    missing = [name for name in sets if feats[name] is None]
+        ingredients = cache and feature_ingredients(digest, faces, cfg.backbone, cache.dtype)
+        for a, b in _parts(len(faces), int(cache_cfg.get("chunk_images", 0) or 0)):
+            part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
+            units.append((name, (a, b), cache_key(**part) if part else None, part))
+    got = {(u[0], u[1]): cache.load(u[2]) if u[2] else None for u in units}
+    missing = [u for u in units if got[(u[0], u[1])] is None]
     is_zero, seconds = True, 0.0
     if missing:
         collector = FeatureCollector()
         trainer = instantiate(cfg.trainer, callbacks=[collector], logger=loggers or False)
+        for extra in (cfg.get("callbacks") or {}).values():
+            if extra:
+                trainer.callbacks.append(instantiate(extra))
         extractor = FaceFeatureExtractor(backbone, flip=cfg.backbone.flip_test)
-        loaders = [datamodule.loader(sets[name]) for name in missing]
-        trainer.test(extractor, dataloaders=loaders, verbose=False)
-        is_zero, seconds = trainer.is_global_zero, collector.extract_seconds
-        for name, extracted in zip(missing, collector.features, strict=True):
-            feats[name] = extracted
-            if keys[name] and is_zero:
-                cache.save(keys[name], extracted, ingredients[name])
+        for name, (a, b), key, part in missing:
+            loader = datamodule.loader(Subset(sets[name], range(a, b)))
+            trainer.test(extractor, dataloaders=[loader], verbose=False)
+            is_zero = trainer.is_global_zero
+            seconds += collector.extract_seconds
+            extracted = collector.features[0]
+            check_features(name, _concat([((a, b), extracted)]), sets[name])
+            got[(name, (a, b))] = extracted
+            if key and is_zero:
+                cache.save(key, extracted, part)
+    feats = {}
     for name, faces in sets.items():
-        feats[name].with_labels(datamodule.labels_of(faces))
+        parts = [(u[1], got[(u[0], u[1])]) for u in units if u[0] == name]
+        feats[name] = _concat(parts).with_labels(datamodule.labels_of(faces))
     counters = {
-        "eval/extracted_sets": len(missing),
-        "eval/cached_sets": len(sets) - len(missing),
+        "eval/extracted_sets": len({u[0] for u in missing}),
+        "eval/cached_sets": len(sets) - len({u[0] for u in missing}),
+        "eval/extracted_parts": len(missing),
+        "eval/cached_parts": len(units) - len(missing),
         "eval/extract_seconds": seconds,
         "eval/skipped_images": sum(f.skipped for f in feats.values()),
     }
@@ -216,12 +269,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers)
-        if not is_zero:
-            return {}
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
+        # every process ranks its block of queries (one block without a process group)
         results, ranking = evaluate_features(query, gallery, rerank, same)
+        if not is_zero:
+            return {}
         results.update(counters)
         for lg in loggers:
             lg.log_metrics({k: float(v) for k, v in results.items()}, step=0)

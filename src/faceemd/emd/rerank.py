@@ -11,6 +11,7 @@ can be computed from the returned rankings alone.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -273,28 +274,42 @@ def stage2_rerank(
     """Re-rank the first ``cfg.top_k`` columns of a stage-1 ranking by Eq. 9.
 
     stage1_score, stage1_index: ``(Q, depth)`` from :func:`stage1_topk`. Returns
-    ``(score, index)`` of the same shape; columns from ``top_k`` on are unchanged.
+    ``(score, index)`` of the same shape; columns from ``top_k`` on are unchanged. Queries go
+    ``cfg.query_batch`` at a time; an out-of-memory error halves that batch and retries.
     """
     k = min(cfg.top_k, stage1_index.shape[1])
     if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0):
         return stage1_score.clone(), stage1_index.clone()
     norms, pooled = _gallery_summaries(gallery.patches, cfg.chunk_size)
     scores, indices = [], []
-    for q0 in range(0, len(query), cfg.query_batch):
-        q1 = min(q0 + cfg.query_batch, len(query))
+    batch = cfg.query_batch
+    q0 = 0
+    while q0 < len(query):
+        q1 = min(q0 + batch, len(query))
         cand = stage1_index[q0:q1, :k]
         cos = stage1_score[q0:q1, :k]
-        result, _, _ = pairwise_emd(
-            query.patches[q0:q1],
-            gallery.patches[cand],
-            cfg,
-            query.embeddings[q0:q1],
-            gallery.embeddings[cand],
-            None if query.lmk is None else query.lmk[q0:q1],
-            None if gallery.lmk is None else gallery.lmk[cand],
-            candidate_norms=norms[cand],
-            candidate_pooled=pooled[cand],
-        )
+        try:
+            result, _, _ = pairwise_emd(
+                query.patches[q0:q1],
+                gallery.patches[cand],
+                cfg,
+                query.embeddings[q0:q1],
+                gallery.embeddings[cand],
+                None if query.lmk is None else query.lmk[q0:q1],
+                None if gallery.lmk is None else gallery.lmk[cand],
+                candidate_norms=norms[cand],
+                candidate_pooled=pooled[cand],
+            )
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            warnings.warn(
+                f"out of memory in stage 2: retrying with query_batch={batch}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
         emd_sim = result.similarity
         if cfg.blend == "linear":
             blended = cfg.alpha * emd_sim + (1.0 - cfg.alpha) * cos
@@ -303,6 +318,7 @@ def stage2_rerank(
         order = torch.sort(blended, dim=1, descending=True, stable=True).indices
         scores.append(torch.cat([blended.gather(1, order), stage1_score[q0:q1, k:]], 1))
         indices.append(torch.cat([cand.gather(1, order), stage1_index[q0:q1, k:]], 1))
+        q0 = q1
     return torch.cat(scores), torch.cat(indices)
 
 

@@ -1,0 +1,111 @@
+"""Scale and reliability: DDP (gloo, 2 processes) equals 1 process, kill-and-resume of
+extraction, NaN features named, out-of-memory in stage 2 halves the batch."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from faceemd.emd import rerank
+from faceemd.emd.rerank import FeatureBank, RerankConfig, stage1_topk, stage2_rerank
+from faceemd.evaluation import check_features
+from faceemd.features import ExtractedFeatures
+
+from .conftest import ROOT
+
+SMALL = [
+    "data.query.num_identities=9",
+    "data.query.images_per_identity=1",
+    "data.gallery.images_per_identity=2",
+    "data.batch_size=4",
+    "rerank.top_k=5",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def _evaluate(args, log_dir, expect=0):
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), f"paths.log_dir={log_dir}", *SMALL, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == expect, out.stdout[-3000:] + out.stderr[-3000:]
+    files = sorted(log_dir.glob("evaluate/runs/*/metrics.json"))
+    return json.loads(files[-1].read_text())["metrics"] if files and expect == 0 else None
+
+
+METRICS = [f"stage{s}/{m}" for s in (1, 2) for m in ("p_at_1", "r_precision", "map_at_r")]
+
+
+def test_ddp_two_cpu_processes_equal_one_process(tmp_path):
+    """9 queries over 2 ranks: the distributed sampler pads one, ranks rank a block each."""
+    single = _evaluate(["cache=off"], tmp_path / "single")
+    ddp = _evaluate(
+        ["cache=off", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+        tmp_path / "ddp",
+    )
+    assert ddp["eval/num_queries"] == single["eval/num_queries"] == 9
+    assert ddp["eval/gallery_size"] == single["eval/gallery_size"] == 18
+    for key in METRICS:
+        assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
+
+
+def test_killed_extraction_resumes_from_cached_parts(tmp_path):
+    parts = ["cache.chunk_images=8"]  # query: 1 part of 9 -> 2 parts; gallery 18 -> 3 parts
+    killed = ["+callbacks.kill._target_=tests.helpers.KillAtTestRun", "+callbacks.kill.run=3"]
+    _evaluate(parts + killed, tmp_path / "a", expect=9)
+    assert len(list((tmp_path / "a" / "cache").rglob("*.safetensors"))) == 3
+    resumed = _evaluate(parts, tmp_path / "a")
+    assert resumed["eval/cached_parts"] == 3 and resumed["eval/extracted_parts"] == 2
+    reference = _evaluate(["cache=off"], tmp_path / "b")
+    for key in METRICS:
+        assert resumed[key] == reference[key], key
+
+
+def test_nan_features_are_reported_with_image_names():
+    class Faces:
+        files = ["Ann/Ann_0001.jpg", "Bob/Bob_0001.jpg", "Cy/Cy_0001.jpg"]
+
+    emb = torch.randn(3, 4)
+    emb[2, 1] = float("nan")
+    patches = torch.randn(3, 4, 2)
+    patches[0, 3, 0] = float("inf")
+    feats = ExtractedFeatures(emb, patches, torch.arange(3), torch.zeros(3, 68, 2), (2, 2), (8, 8))
+    with pytest.raises(ValueError, match=r"2 image\(s\).*Ann/Ann_0001.jpg, Cy/Cy_0001.jpg"):
+        check_features("gallery", feats, Faces())
+
+
+def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
+    torch.manual_seed(0)
+    q = FeatureBank(torch.randn(7, 8), torch.randn(7, 4, 8), torch.arange(7) % 3)
+    g = FeatureBank(torch.randn(12, 8), torch.randn(12, 4, 8), torch.arange(12) % 3)
+    s1, i1 = stage1_topk(q.embeddings, g.embeddings, 5)
+    reference = stage2_rerank(q, g, s1, i1, RerankConfig(top_k=5, query_batch=1))
+    real = rerank.pairwise_emd
+    sizes = []
+
+    def small_memory(query_patches, *args, **kwargs):
+        sizes.append(query_patches.shape[0])
+        if query_patches.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated: out of memory")
+        return real(query_patches, *args, **kwargs)
+
+    monkeypatch.setattr(rerank, "pairwise_emd", small_memory)
+    with pytest.warns(RuntimeWarning, match="query_batch=2"):
+        got = stage2_rerank(q, g, s1, i1, RerankConfig(top_k=5, query_batch=8))
+    assert sizes[:3] == [7, 4, 2]  # 8 (7 left) -> 4 -> 2, then 2 at a time
+    assert torch.equal(got[1], reference[1])
+    torch.testing.assert_close(got[0], reference[0])
