@@ -86,6 +86,9 @@ def test_twelve_job_sweep_extracts_once_and_reports_twelve_rows(tmp_path):
     # query and gallery are extracted by the first job only; the other 11 read the cache
     assert sum(r["metrics"]["eval/extracted_sets"] for r in runs) == 2
     assert sum(r["metrics"]["eval/cached_sets"] for r in runs) == 22
+    # EMD scores depend on weighting x grid, not alpha: 4 computed, reused by the other 4 jobs
+    # with alpha > 0 (alpha = 0 skips stage 2)
+    assert sum(r["metrics"]["eval/cached_stage2"] for r in runs) == 4
     # the 4x4 jobs pooled the cached 8x8 grids: same stage 1, and alpha=0 equal to stage 1
     assert len({r["metrics"]["stage1/p_at_1"] for r in runs}) == 1
     report = subprocess.run(
@@ -109,3 +112,13 @@ def test_cache_off_extracts_every_time(tmp_path):
     runs = [json.loads(f.read_text()) for f in tmp_path.glob("evaluate/runs/*/metrics.json")]
     assert [r["metrics"]["eval/extracted_sets"] for r in runs] == [2, 2]
     assert not (tmp_path / "cache").exists()
+
+
+def test_cached_stage2_scores_give_the_same_metrics(tmp_path):
+    for _ in range(2):
+        _run(["logger=none", "rerank.alpha=0.7"], tmp_path)
+    runs = sorted(tmp_path.glob("evaluate/runs/*/metrics.json"))
+    first, second = (json.loads(f.read_text())["metrics"] for f in runs)
+    assert (first["eval/cached_stage2"], second["eval/cached_stage2"]) == (0, 1)
+    for key in ("stage2/p_at_1", "stage2/r_precision", "stage2/map_at_r"):
+        assert first[key] == second[key]

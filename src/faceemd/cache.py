@@ -91,21 +91,10 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def save(self, key: str, feats: ExtractedFeatures, ingredients: dict | None = None) -> Path:
-        """Write an entry atomically (temporary file + rename); returns its path."""
-        tensors = {
-            "embeddings": feats.embeddings.float().contiguous(),
-            "patches": feats.patches.to(_STORE_DTYPES[self.dtype]).contiguous(),
-            "index": feats.index.long().contiguous(),
-            "landmarks": feats.landmarks.float().contiguous(),
-        }
-        meta = {
-            "grid_shape": json.dumps(list(feats.grid_shape)),
-            "image_size": json.dumps(list(feats.image_size)),
-            "skipped": str(int(feats.skipped)),
-            "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
-            "sha256": _tensor_digest(tensors),
-        }
+    def _write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
+        """Atomic write of one entry (temporary file + rename) with a SHA-256 of its tensors."""
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        meta = {**meta, "sha256": _tensor_digest(tensors)}
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -114,44 +103,88 @@ class FeatureCache:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        log.info("feature cache: wrote %s (%d images)", path, len(feats))
         return path
 
-    def load(self, key: str) -> ExtractedFeatures | None:
-        """The entry for ``key``, or None when absent or corrupt (a corrupt file is removed)."""
+    def _read(self, key: str, names: tuple[str, ...]):
+        """``(tensors, metadata)`` of an entry, or None when absent or corrupt (then removed)."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            tensors, meta = _read_safetensors(path)
-            if self.verify and _tensor_digest(tensors) != meta.get("sha256"):
+            arrays, meta = _read_safetensors(path, names)
+            if self.verify and _tensor_digest(arrays) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
-            feats = ExtractedFeatures(
-                embeddings=_as_tensor(tensors["embeddings"]),
-                patches=_as_tensor(tensors["patches"]),
-                index=_as_tensor(tensors["index"]),
-                landmarks=_as_tensor(tensors["landmarks"]),
-                grid_shape=tuple(json.loads(meta["grid_shape"])),
-                image_size=tuple(json.loads(meta["image_size"])),
-                skipped=int(meta["skipped"]),
-            )
         except (ValueError, KeyError, OSError, struct.error, json.JSONDecodeError) as err:
             log.warning(
-                "feature cache: entry %s is unreadable or corrupt (%s); deleting it and "
-                "extracting again",
+                "cache: entry %s is unreadable or corrupt (%s); deleting it and computing it again",
                 path,
                 err,
             )
             path.unlink(missing_ok=True)
             return None
+        tensors = {k: _as_tensor(v) for k, v in arrays.items()}
         if not self.mmap:
-            feats.embeddings, feats.patches = feats.embeddings.clone(), feats.patches.clone()
-            feats.index, feats.landmarks = feats.index.clone(), feats.landmarks.clone()
-        log.info("feature cache: hit %s (%d images)", path, len(feats))
+            tensors = {k: v.clone() for k, v in tensors.items()}
+        return tensors, meta
+
+    def save(self, key: str, feats: ExtractedFeatures, ingredients: dict | None = None) -> Path:
+        """Write the features of one image set (or part of one)."""
+        tensors = {
+            "embeddings": feats.embeddings.float(),
+            "patches": feats.patches.to(_STORE_DTYPES[self.dtype]),
+            "index": feats.index.long(),
+            "landmarks": feats.landmarks.float(),
+        }
+        meta = {
+            "grid_shape": json.dumps(list(feats.grid_shape)),
+            "image_size": json.dumps(list(feats.image_size)),
+            "skipped": str(int(feats.skipped)),
+            "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
+        }
+        path = self._write(key, tensors, meta)
+        log.info("feature cache: wrote %s (%d images)", path, len(feats))
+        return path
+
+    def load(self, key: str) -> ExtractedFeatures | None:
+        """The features stored under ``key``, or None (absent, or corrupt and removed)."""
+        entry = self._read(key, _TENSORS)
+        if entry is None:
+            return None
+        t, meta = entry
+        try:
+            feats = ExtractedFeatures(
+                embeddings=t["embeddings"],
+                patches=t["patches"],
+                index=t["index"],
+                landmarks=t["landmarks"],
+                grid_shape=tuple(json.loads(meta["grid_shape"])),
+                image_size=tuple(json.loads(meta["image_size"])),
+                skipped=int(meta["skipped"]),
+            )
+        except (ValueError, KeyError, json.JSONDecodeError) as err:
+            log.warning("feature cache: entry %s is inconsistent (%s); removing it", key, err)
+            self.path(key).unlink(missing_ok=True)
+            return None
+        log.info("feature cache: hit %s (%d images)", self.path(key), len(feats))
         return feats
 
+    def save_scores(self, key: str, candidates: torch.Tensor, emd: torch.Tensor) -> Path:
+        """Stage-2 EMD similarities ``(Q, k)`` of the stage-1 ``candidates`` ``(Q, k)``: they do
+        not depend on alpha, so an alpha sweep computes them once."""
+        return self._write(key, {"candidates": candidates.long(), "emd": emd.float()}, {})
 
-def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    def load_scores(self, key: str, candidates: torch.Tensor) -> torch.Tensor | None:
+        """Cached EMD similarities for exactly these candidates, else None."""
+        entry = self._read(key, ("candidates", "emd"))
+        if entry is None or not torch.equal(entry[0]["candidates"], candidates.long()):
+            return None
+        log.info("score cache: hit %s", self.path(key))
+        return entry[0]["emd"]
+
+
+def _read_safetensors(
+    path: Path, names: tuple[str, ...]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Memory-map every tensor of a safetensors file (format: u64 header length, JSON header,
     raw little-endian data); raises ValueError on a truncated or malformed file."""
     size = path.stat().st_size
@@ -162,7 +195,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
         header = json.loads(fh.read(n))
     meta = header.pop("__metadata__", {}) or {}
     arrays = {}
-    for name in _TENSORS:
+    for name in names:
         if name not in header:
             raise ValueError(f"tensor {name!r} missing")
         info = header[name]

@@ -29,11 +29,16 @@ _ROW_KEYS = ("embedding", "patches", "landmarks", "label", "index")
 
 
 def evaluate_features(
-    query: FeatureBank, gallery: FeatureBank, cfg: RerankConfig, same_images: bool
+    query: FeatureBank,
+    gallery: FeatureBank,
+    cfg: RerankConfig,
+    same_images: bool,
+    emd_scores=None,
 ) -> tuple[dict[str, float], Ranking]:
     """Two-stage ranking plus metrics for extracted features.
 
     same_images: query row i is gallery row i (excluded from its own ranking).
+    emd_scores: optional cached stage-2 scores lookup (see :func:`two_stage_rank`).
     Returns ``(metrics, ranking)``; metric keys ``stage{1,2}/{p_at_1,r_precision,map_at_r}``,
     ``stage1/max_precision_at_k`` and ``eval/*`` counts and seconds. Inside a process group
     (DDP), every process must call it: each ranks a contiguous block of the queries and the
@@ -42,7 +47,7 @@ def evaluate_features(
     exclude = torch.arange(len(query)) if same_images else None
     r = relevant_counts(query.labels, gallery.labels, exclude)
     depth = max(int(r.max()) if len(r) else 1, cfg.top_k, 1)
-    ranking = _sharded_rank(query, gallery, cfg, exclude, depth)
+    ranking = _sharded_rank(query, gallery, cfg, exclude, depth, emd_scores)
     hits1 = hits_from_ranking(ranking.stage1_index, query.labels, gallery.labels)
     hits2 = hits_from_ranking(ranking.stage2_index, query.labels, gallery.labels)
     m1 = identification_metrics(hits1, r, hits1, cfg.top_k)
@@ -176,13 +181,18 @@ class RerankEvaluation(FeatureCollector):
 
 
 def _sharded_rank(
-    query: FeatureBank, gallery: FeatureBank, cfg: RerankConfig, exclude: Tensor | None, depth: int
+    query: FeatureBank,
+    gallery: FeatureBank,
+    cfg: RerankConfig,
+    exclude: Tensor | None,
+    depth: int,
+    emd_scores=None,
 ) -> Ranking:
     """Two-stage ranking of this process's block of queries, gathered from every process."""
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world == 1:
-        return two_stage_rank(query, gallery, cfg, exclude, depth)
+        return two_stage_rank(query, gallery, cfg, exclude, depth, emd_scores)
     rank = dist.get_rank()
     bounds = [len(query) * i // world for i in range(world + 1)]
     lo, hi = bounds[rank], bounds[rank + 1]
@@ -193,7 +203,9 @@ def _sharded_rank(
         None if query.lmk is None else query.lmk[lo:hi],
     )
     mine = (
-        two_stage_rank(block, gallery, cfg, None if exclude is None else exclude[lo:hi], depth)
+        two_stage_rank(
+            block, gallery, cfg, None if exclude is None else exclude[lo:hi], depth, emd_scores
+        )
         if hi > lo
         else None
     )
@@ -207,6 +219,9 @@ def _sharded_rank(
         torch.cat([p.stage2_score for p in parts]),
         max(p.stage1_seconds for p in parts),
         max(p.stage2_seconds for p in parts),
+        None
+        if any(p.emd_similarity is None for p in parts)
+        else torch.cat([p.emd_similarity for p in parts]),
     )
 
 

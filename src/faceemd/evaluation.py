@@ -8,6 +8,7 @@ folder. W&B is always finished, also on errors, so that each job of a multirun g
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -152,6 +153,38 @@ def _concat(parts: list[tuple[tuple[int, int], ExtractedFeatures]]) -> Extracted
     )
 
 
+class ScoreCache:
+    """Stage-2 EMD similarities cached per (query features, gallery features, stage-2 settings
+    except alpha/blend, stage-1 candidates): jobs of an alpha sweep compute them once."""
+
+    _SETTINGS = ("top_k", "weighting", "solver", "eps", "max_iter", "tol", "check_every",
+                 "log_domain", "cost_dtype", "grid")  # fmt: skip
+
+    def __init__(self, cache: FeatureCache | None, feats: dict, rerank: RerankConfig) -> None:
+        keys = [getattr(f, "key", None) for f in feats.values()]
+        self.cache = cache if cache is not None and all(keys) else None
+        self.base = {"features": keys, **{k: getattr(rerank, k) for k in self._SETTINGS}}
+        self.hit = False
+
+    def _key(self, candidates: torch.Tensor) -> str:
+        digest = hashlib.sha256(candidates.long().contiguous().numpy().tobytes()).hexdigest()
+        return cache_key(kind="stage2_scores", candidates=digest, **self.base)
+
+    def lookup(self, candidates: torch.Tensor) -> torch.Tensor | None:
+        if self.cache is None:
+            return None
+        found = self.cache.load_scores(self._key(candidates), candidates)
+        self.hit = found is not None
+        return found
+
+    def store(self, ranking) -> None:
+        if self.cache is None or self.hit or ranking.emd_similarity is None:
+            return
+        k = ranking.emd_similarity.shape[1]
+        candidates = ranking.stage1_index[:, :k]
+        self.cache.save_scores(self._key(candidates), candidates, ranking.emd_similarity)
+
+
 def load_or_extract(
     cfg: DictConfig, backbone, datamodule, loggers: list
 ) -> tuple[dict[str, ExtractedFeatures], dict[str, float], bool]:
@@ -199,6 +232,8 @@ def load_or_extract(
     for name, faces in sets.items():
         parts = [(u[1], got[(u[0], u[1])]) for u in units if u[0] == name]
         feats[name] = _concat(parts).with_labels(datamodule.labels_of(faces))
+        unit_keys = [u[2] for u in units if u[0] == name]
+        feats[name].key = cache_key(parts=unit_keys) if all(unit_keys) else None
     counters = {
         "eval/extracted_sets": len({u[0] for u in missing}),
         "eval/cached_sets": len(sets) - len({u[0] for u in missing}),
@@ -273,7 +308,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
         # every process ranks its block of queries (one block without a process group)
-        results, ranking = evaluate_features(query, gallery, rerank, same)
+        scores = ScoreCache(build_cache(cfg.get("cache")), feats, rerank)
+        results, ranking = evaluate_features(query, gallery, rerank, same, scores.lookup)
+        if is_zero:
+            scores.store(ranking)
+        results["eval/cached_stage2"] = int(scores.hit)
         if not is_zero:
             return {}
         results.update(counters)

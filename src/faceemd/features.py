@@ -58,6 +58,7 @@ class ExtractedFeatures:
     skipped: images of the set that could not be read and were skipped.
     labels: ``(N,)`` integer identities of this run's label vocabulary; not cached (the
     vocabulary depends on which sets a job combines), set by the job.
+    key: the feature-cache key of the set when it is cached (keys derived results).
     """
 
     embeddings: Tensor
@@ -68,6 +69,7 @@ class ExtractedFeatures:
     image_size: tuple[int, int]
     skipped: int = 0
     labels: Tensor | None = None
+    key: str | None = None
 
     def __post_init__(self) -> None:
         n = self.embeddings.shape[0]

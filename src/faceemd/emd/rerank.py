@@ -28,7 +28,9 @@ __all__ = [
     "check_finite",
     "pairwise_emd",
     "stage1_topk",
+    "blend_stage2",
     "stage2_rerank",
+    "stage2_scores",
     "two_stage_rank",
 ]
 
@@ -135,6 +137,8 @@ class Ranking:
     stage1_score / stage2_score: ``(Q, depth)`` the scores they were sorted by (stage 2 holds
     blended scores in its first ``top_k`` columns and cosine after).
     stage1_seconds / stage2_seconds: wall time of each stage.
+    emd_similarity: ``(Q, top_k)`` EMD similarities of the stage-1 candidates (None when
+    stage 2 was skipped).
     """
 
     stage1_index: Tensor
@@ -143,6 +147,7 @@ class Ranking:
     stage2_score: Tensor
     stage1_seconds: float = 0.0
     stage2_seconds: float = 0.0
+    emd_similarity: Tensor | None = None
 
 
 def check_finite(name: str, x: Tensor) -> None:
@@ -264,30 +269,19 @@ def pairwise_emd(
     return result, u, v
 
 
-def stage2_rerank(
-    query: FeatureBank,
-    gallery: FeatureBank,
-    stage1_score: Tensor,
-    stage1_index: Tensor,
-    cfg: RerankConfig,
-) -> tuple[Tensor, Tensor]:
-    """Re-rank the first ``cfg.top_k`` columns of a stage-1 ranking by Eq. 9.
-
-    stage1_score, stage1_index: ``(Q, depth)`` from :func:`stage1_topk`. Returns
-    ``(score, index)`` of the same shape; columns from ``top_k`` on are unchanged. Queries go
-    ``cfg.query_batch`` at a time; an out-of-memory error halves that batch and retries.
-    """
-    k = min(cfg.top_k, stage1_index.shape[1])
-    if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0):
-        return stage1_score.clone(), stage1_index.clone()
+def stage2_scores(
+    query: FeatureBank, gallery: FeatureBank, candidates: Tensor, cfg: RerankConfig
+) -> Tensor:
+    """EMD similarity ``(Q, k)`` between each query and its candidates ``(Q, k)`` (gallery
+    rows). Queries go ``cfg.query_batch`` at a time; an out-of-memory error halves that batch
+    and retries. Independent of alpha and blend, so it can be computed once per sweep."""
     norms, pooled = _gallery_summaries(gallery.patches, cfg.chunk_size)
-    scores, indices = [], []
+    out = []
     batch = cfg.query_batch
     q0 = 0
     while q0 < len(query):
         q1 = min(q0 + batch, len(query))
-        cand = stage1_index[q0:q1, :k]
-        cos = stage1_score[q0:q1, :k]
+        cand = candidates[q0:q1]
         try:
             result, _, _ = pairwise_emd(
                 query.patches[q0:q1],
@@ -310,16 +304,52 @@ def stage2_rerank(
                 stacklevel=2,
             )
             continue
-        emd_sim = result.similarity
-        if cfg.blend == "linear":
-            blended = cfg.alpha * emd_sim + (1.0 - cfg.alpha) * cos
-        else:
-            blended = emd_sim + cos
-        order = torch.sort(blended, dim=1, descending=True, stable=True).indices
-        scores.append(torch.cat([blended.gather(1, order), stage1_score[q0:q1, k:]], 1))
-        indices.append(torch.cat([cand.gather(1, order), stage1_index[q0:q1, k:]], 1))
+        out.append(result.similarity.float())
         q0 = q1
-    return torch.cat(scores), torch.cat(indices)
+    if not out:
+        return torch.zeros(candidates.shape, dtype=torch.float32)
+    return torch.cat(out)
+
+
+def blend_stage2(
+    stage1_score: Tensor, stage1_index: Tensor, emd_similarity: Tensor, cfg: RerankConfig
+) -> tuple[Tensor, Tensor]:
+    """Eq. 9 on the first ``k = emd_similarity.shape[1]`` columns of a stage-1 ranking:
+    ``alpha * emd + (1 - alpha) * cos`` (or ``emd + cos`` for ``blend='sum'``), re-sorted;
+    columns from ``k`` on keep their stage-1 order."""
+    k = emd_similarity.shape[1]
+    cos, cand = stage1_score[:, :k], stage1_index[:, :k]
+    if cfg.blend == "linear":
+        blended = cfg.alpha * emd_similarity + (1.0 - cfg.alpha) * cos
+    else:
+        blended = emd_similarity + cos
+    order = torch.sort(blended, dim=1, descending=True, stable=True).indices
+    return (
+        torch.cat([blended.gather(1, order), stage1_score[:, k:]], 1),
+        torch.cat([cand.gather(1, order), stage1_index[:, k:]], 1),
+    )
+
+
+def stage2_rerank(
+    query: FeatureBank,
+    gallery: FeatureBank,
+    stage1_score: Tensor,
+    stage1_index: Tensor,
+    cfg: RerankConfig,
+    emd_similarity: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Re-rank the first ``cfg.top_k`` columns of a stage-1 ranking by Eq. 9.
+
+    stage1_score, stage1_index: ``(Q, depth)`` from :func:`stage1_topk`; emd_similarity:
+    optional precomputed :func:`stage2_scores` of those candidates. Returns ``(score, index)``
+    of the same shape; columns from ``top_k`` on are unchanged.
+    """
+    k = min(cfg.top_k, stage1_index.shape[1])
+    if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0):
+        return stage1_score.clone(), stage1_index.clone()
+    if emd_similarity is None:
+        emd_similarity = stage2_scores(query, gallery, stage1_index[:, :k], cfg)
+    return blend_stage2(stage1_score, stage1_index, emd_similarity, cfg)
 
 
 def _gallery_summaries(patches: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
@@ -339,12 +369,15 @@ def two_stage_rank(
     cfg: RerankConfig,
     exclude: Tensor | None = None,
     depth: int | None = None,
+    emd_scores=None,
 ) -> Ranking:
     """Stage 1 then stage 2 for every query (paper Fig. 2).
 
     exclude: optional ``(Q,)`` gallery row of each query's own image (-1 for none), for
     protocols where query and gallery share images. depth: ranking length to keep, at least
     ``cfg.top_k`` (default ``cfg.top_k``); metrics need it >= the largest R.
+    emd_scores: optional ``callable(candidates (Q, k)) -> (Q, k) EMD similarities or None``
+    (a cache lookup); computed with :func:`stage2_scores` when it returns None.
     """
     check_finite("query embeddings", query.embeddings)
     check_finite("gallery embeddings", gallery.embeddings)
@@ -362,5 +395,11 @@ def two_stage_rank(
         query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
     )
     t1 = time.perf_counter()
-    s2, i2 = stage2_rerank(query, gallery, s1, i1, cfg)
-    return Ranking(i1, s1, i2, s2, t1 - t0, time.perf_counter() - t1)
+    k = min(cfg.top_k, i1.shape[1])
+    emd = None
+    if k > 1 and not (cfg.blend == "linear" and cfg.alpha == 0.0):
+        emd = emd_scores(i1[:, :k]) if emd_scores is not None else None
+        if emd is None:
+            emd = stage2_scores(query, gallery, i1[:, :k], cfg)
+    s2, i2 = stage2_rerank(query, gallery, s1, i1, cfg, emd)
+    return Ranking(i1, s1, i2, s2, t1 - t0, time.perf_counter() - t1, emd)
