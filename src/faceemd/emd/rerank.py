@@ -151,14 +151,20 @@ class Ranking:
 
 
 def check_finite(name: str, x: Tensor) -> None:
-    """Raise ``ValueError`` naming the rows of ``x`` (first dim) holding NaN or Inf."""
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-    if bool(bad.any()):
-        rows = bad.nonzero().flatten().tolist()
-        shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    """Raise ``ValueError`` naming the rows of ``x`` (first dim) holding NaN or Inf.
+
+    Reads ~16 MB at a time, so a memory-mapped gallery is streamed, not copied."""
+    per_row = max(1, x[0].numel()) if x.shape[0] else 1
+    step = max(1, (1 << 22) // per_row)
+    bad_rows: list[int] = []
+    for i in range(0, x.shape[0], step):
+        bad = ~torch.isfinite(x[i : i + step].reshape(-1, per_row)).all(1)
+        bad_rows += (bad.nonzero().flatten() + i).tolist()
+    if bad_rows:
+        shown = ", ".join(map(str, bad_rows[:10])) + (" ..." if len(bad_rows) > 10 else "")
         raise ValueError(
-            f"{name} has NaN/Inf values in {len(rows)} row(s): {shown}; re-extract those images "
-            "or drop them (a backbone in half precision can overflow: try fp32)"
+            f"{name} has NaN/Inf values in {len(bad_rows)} row(s): {shown}; re-extract those "
+            "images or drop them (a backbone in half precision can overflow: try fp32)"
         )
 
 
@@ -353,11 +359,13 @@ def stage2_rerank(
 
 
 def _gallery_summaries(patches: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Per-gallery-item patch norms ``(G, R)`` and patch means ``(G, C)``, computed once in
-    chunks (each gallery item is a candidate of many queries)."""
+    """Per-gallery-item patch norms ``(G, R)`` and patch means ``(G, C)``, computed once (each
+    gallery item is a candidate of many queries), ~16 MB of patches at a time so that a
+    memory-mapped float16 gallery is streamed, not copied."""
+    rows = max(1, min(chunk_size, (1 << 22) // max(1, patches.shape[1] * patches.shape[2])))
     norms, means = [], []
-    for g0 in range(0, patches.shape[0], chunk_size):
-        chunk = patches[g0 : g0 + chunk_size].float()
+    for g0 in range(0, patches.shape[0], rows):
+        chunk = patches[g0 : g0 + rows].float()
         norms.append(torch.linalg.vector_norm(chunk, dim=-1))
         means.append(chunk.mean(1))
     return torch.cat(norms), torch.cat(means)

@@ -1,0 +1,161 @@
+"""Two-stage evaluation against large generated galleries: time and peak memory by size.
+
+Issue 8's check: a 200K x 4x4x512 gallery (generated features, no images) must run two-stage
+evaluation on a 2-core, 24 GB machine with peak RSS under 4 GB, the gallery patch grids in
+float16 and memory-mapped from disk (as the feature cache serves them with cache.mmap=true).
+Each size runs in a child process so that its peak RSS is its own.
+
+    python benchmarks/large_gallery.py                     # 10K, 50K, 200K
+    python benchmarks/large_gallery.py --sizes 10000 --queries 200
+
+Memory of one run (floats of 4 bytes unless said):
+  gallery embeddings G*D, patch norms G*R and patch means G*C (stage-2 precomputations),
+  query features Q*(D + R*C), stage 1: query_batch_1 * (chunk_size + depth),
+  stage 2: query_batch * k * R * (R + C) * ~4 (cost, kernel, flow, gathered candidates);
+  the G*R*C float16 patch grids stay on disk and only the k candidates of a query batch are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from faceemd.emd import FeatureBank, RerankConfig, two_stage_rank
+
+
+def generate(folder: Path, size: int, dim: int, r: int, c: int, chunk: int = 20000) -> None:
+    """Identity-clustered features written chunk by chunk (never all in memory)."""
+    rng = np.random.default_rng(0)
+    ids = 1000
+    centres = rng.standard_normal((ids, dim)).astype(np.float32)
+    patch_centres = np.abs(rng.standard_normal((ids, r, c))).astype(np.float16)
+    emb = np.lib.format.open_memmap(folder / "emb.npy", "w+", np.float32, (size, dim))
+    patches = np.lib.format.open_memmap(folder / "patches.npy", "w+", np.float16, (size, r, c))
+    labels = np.arange(size) % ids
+    for a in range(0, size, chunk):
+        b = min(a + chunk, size)
+        lab = labels[a:b]
+        emb[a:b] = centres[lab] + rng.standard_normal((b - a, dim), dtype=np.float32)
+        noise = 0.3 * rng.standard_normal((b - a, r, c), dtype=np.float32)
+        patches[a:b] = (patch_centres[lab].astype(np.float32) + noise).astype(np.float16)
+    emb.flush()
+    patches.flush()
+    np.save(folder / "labels.npy", labels)
+
+
+class AnonPeak:
+    """Samples the process's anonymous (private) resident memory, RssAnon, every 20 ms.
+
+    ru_maxrss also counts the file pages of the memory-mapped gallery that were read; those
+    are clean page cache the kernel drops under pressure, so both figures are printed."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) // 1024
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
+def child(folder: Path, queries: int, top_k: int) -> dict:
+    torch.set_num_threads(2)
+    anon = AnonPeak()
+    emb = torch.from_numpy(np.load(folder / "emb.npy", mmap_mode="r+"))
+    patches = torch.from_numpy(np.load(folder / "patches.npy", mmap_mode="r+"))
+    labels = torch.from_numpy(np.load(folder / "labels.npy"))
+    gallery = FeatureBank(emb, patches, labels)
+    rng = torch.Generator().manual_seed(1)
+    rows = torch.randperm(len(gallery), generator=rng)[:queries]
+    q_emb = emb[rows].float() + 1.5 * torch.randn(queries, emb.shape[1], generator=rng)
+    q_patches = patches[rows].float() + 0.6 * torch.randn(
+        queries, *patches.shape[1:], generator=rng
+    )
+    query = FeatureBank(q_emb, q_patches, labels[rows])
+    cfg = RerankConfig(top_k=top_k, weighting="apc", tol=1e-3, query_batch=2)
+    t0 = time.perf_counter()
+    ranking = two_stage_rank(query, gallery, cfg)
+    total = time.perf_counter() - t0
+    return {
+        "gallery": len(gallery),
+        "queries": queries,
+        "stage1_s": round(ranking.stage1_seconds, 2),
+        "stage2_s": round(ranking.stage2_seconds, 2),
+        "total_s": round(total, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_anon_mb": anon.stop(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.queries, args.top_k)))
+        return
+    rows = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory(dir=".") as tmp:
+            t0 = time.perf_counter()
+            generate(Path(tmp), size, 128, 16, 512)
+            gen = time.perf_counter() - t0
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    tmp,
+                    "--queries",
+                    str(args.queries),
+                    "--top-k",
+                    str(args.top_k),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            row["generate_s"] = round(gen, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        "\n| gallery | queries | stage 1 s | stage 2 s | total s | peak RSS MB | peak anon MB |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['gallery']:,} | {r['queries']} | {r['stage1_s']} | {r['stage2_s']} | "
+            f"{r['total_s']} | {r['peak_rss_mb']:,} | {r['peak_anon_mb']:,} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
