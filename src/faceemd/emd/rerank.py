@@ -361,14 +361,18 @@ def stage2_rerank(
 def _gallery_summaries(patches: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
     """Per-gallery-item patch norms ``(G, R)`` and patch means ``(G, C)``, computed once (each
     gallery item is a candidate of many queries), ~16 MB of patches at a time so that a
-    memory-mapped float16 gallery is streamed, not copied."""
-    rows = max(1, min(chunk_size, (1 << 22) // max(1, patches.shape[1] * patches.shape[2])))
-    norms, means = [], []
-    for g0 in range(0, patches.shape[0], rows):
+    memory-mapped float16 gallery is streamed, not copied. The outputs are allocated up front:
+    small results kept between large temporaries would fragment the heap (glibc then keeps
+    every freed temporary, ~G * R * C * 4 bytes in all)."""
+    g, r, c = patches.shape
+    rows = max(1, min(chunk_size, (1 << 22) // max(1, r * c)))
+    norms = torch.empty(g, r, device=patches.device)
+    means = torch.empty(g, c, device=patches.device)
+    for g0 in range(0, g, rows):
         chunk = patches[g0 : g0 + rows].float()
-        norms.append(torch.linalg.vector_norm(chunk, dim=-1))
-        means.append(chunk.mean(1))
-    return torch.cat(norms), torch.cat(means)
+        torch.linalg.vector_norm(chunk, dim=-1, out=norms[g0 : g0 + rows])
+        torch.mean(chunk, 1, out=means[g0 : g0 + rows])
+    return norms, means
 
 
 def two_stage_rank(
