@@ -146,9 +146,7 @@ def main() -> None:
             row["generate_s"] = round(gen, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(
-        "\n| gallery | queries | stage 1 s | stage 2 s | total s | peak RSS MB | peak anon MB |"
-    )
+    print("\n| gallery | queries | stage 1 s | stage 2 s | total s | peak RSS MB | peak anon MB |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
