@@ -128,3 +128,18 @@ def test_to_bank_pools_attaches_labels_and_landmark_weights():
         feats.to_bank((8, 8))
     feats.landmarks[0, 0, 0] = float("nan")  # one image without landmarks: no LMK weights
     assert feats.to_bank(None).lmk is None
+
+
+def test_entries_carry_patch_summaries_of_the_stored_values(tmp_path):
+    feats = _features(n=5)
+    cache = FeatureCache(tmp_path, dtype="float16")
+    cache.save("ab" * 32, feats)
+    back = cache.load("ab" * 32)
+    stored = back.patches.float()
+    # independent of patch_summaries: norms and means of the float16 values actually stored
+    torch.testing.assert_close(back.summaries[0], stored.pow(2).sum(-1).sqrt())
+    torch.testing.assert_close(back.summaries[1], stored.sum(1) / stored.shape[1])
+    back.with_labels(torch.arange(10))
+    native = back.to_bank(None)
+    assert native.summaries is back.summaries
+    assert back.to_bank((2, 2)).summaries is None  # pooled grids need their own summaries

@@ -29,14 +29,15 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from faceemd.emd.rerank import patch_summaries
 from faceemd.features import ExtractedFeatures
 
 __all__ = ["FeatureCache", "cache_key", "state_dict_digest"]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-_TENSORS = ("embeddings", "patches", "index", "landmarks")
+FORMAT_VERSION = 2
+_TENSORS = ("embeddings", "patches", "index", "landmarks", "patch_norms", "patch_means")
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -67,6 +68,28 @@ def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
         flat = arr.reshape(-1).view(np.uint8)
         for i in range(0, flat.size, 1 << 26):
             h.update(flat[i : i + (1 << 26)])
+    return h.hexdigest()
+
+
+def _file_digest(path: Path, arrays: dict[str, np.ndarray]) -> str:
+    """:func:`_tensor_digest` of memory-mapped arrays computed with ordinary file reads, so
+    that checking a large entry does not leave its pages mapped into the process."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for name in sorted(arrays):
+            arr = arrays[name]
+            h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+            if not isinstance(arr, np.memmap):
+                h.update(arr.reshape(-1).view(np.uint8))
+                continue
+            fh.seek(arr.offset)
+            left = arr.nbytes
+            while left:
+                block = fh.read(min(left, 1 << 26))
+                if not block:
+                    raise ValueError(f"tensor {name!r} is truncated")
+                h.update(block)
+                left -= len(block)
     return h.hexdigest()
 
 
@@ -112,7 +135,7 @@ class FeatureCache:
             return None
         try:
             arrays, meta = _read_safetensors(path, names)
-            if self.verify and _tensor_digest(arrays) != meta.get("sha256"):
+            if self.verify and _file_digest(path, arrays) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
         except (ValueError, KeyError, OSError, struct.error, json.JSONDecodeError) as err:
             log.warning(
@@ -129,11 +152,15 @@ class FeatureCache:
 
     def save(self, key: str, feats: ExtractedFeatures, ingredients: dict | None = None) -> Path:
         """Write the features of one image set (or part of one)."""
+        patches = feats.patches.to(_STORE_DTYPES[self.dtype])
+        norms, means = patch_summaries(patches)  # of the stored values, so they match on load
         tensors = {
             "embeddings": feats.embeddings.float(),
-            "patches": feats.patches.to(_STORE_DTYPES[self.dtype]),
+            "patches": patches,
             "index": feats.index.long(),
             "landmarks": feats.landmarks.float(),
+            "patch_norms": norms,
+            "patch_means": means,
         }
         meta = {
             "grid_shape": json.dumps(list(feats.grid_shape)),
@@ -160,6 +187,7 @@ class FeatureCache:
                 grid_shape=tuple(json.loads(meta["grid_shape"])),
                 image_size=tuple(json.loads(meta["image_size"])),
                 skipped=int(meta["skipped"]),
+                summaries=(t["patch_norms"], t["patch_means"]),
             )
         except (ValueError, KeyError, json.JSONDecodeError) as err:
             log.warning("feature cache: entry %s is inconsistent (%s); removing it", key, err)

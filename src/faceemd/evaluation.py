@@ -142,6 +142,12 @@ def _concat(parts: list[tuple[tuple[int, int], ExtractedFeatures]]) -> Extracted
     if len(parts) == 1 and parts[0][0][0] == 0:
         return parts[0][1]
     first = parts[0][1]
+    summaries = None
+    if all(f.summaries is not None for _, f in parts):
+        summaries = (
+            torch.cat([f.summaries[0] for _, f in parts]),
+            torch.cat([f.summaries[1] for _, f in parts]),
+        )
     return ExtractedFeatures(
         embeddings=torch.cat([f.embeddings for _, f in parts]),
         patches=torch.cat([f.patches for _, f in parts]),
@@ -150,6 +156,7 @@ def _concat(parts: list[tuple[tuple[int, int], ExtractedFeatures]]) -> Extracted
         grid_shape=first.grid_shape,
         image_size=first.image_size,
         skipped=sum(f.skipped for _, f in parts),
+        summaries=summaries,
     )
 
 
@@ -232,6 +239,7 @@ def load_or_extract(
     for name, faces in sets.items():
         parts = [(u[1], got[(u[0], u[1])]) for u in units if u[0] == name]
         feats[name] = _concat(parts).with_labels(datamodule.labels_of(faces))
+        feats[name].verified = True  # checked by check_features when extracted (then cached)
         unit_keys = [u[2] for u in units if u[0] == name]
         feats[name].key = cache_key(parts=unit_keys) if all(unit_keys) else None
     counters = {

@@ -59,6 +59,8 @@ class ExtractedFeatures:
     labels: ``(N,)`` integer identities of this run's label vocabulary; not cached (the
     vocabulary depends on which sets a job combines), set by the job.
     key: the feature-cache key of the set when it is cached (keys derived results).
+    summaries: optional patch norms ``(N, R)`` and means ``(N, C)`` at the native grid (stored
+    by the feature cache); verified: known finite (see :class:`FeatureBank`).
     """
 
     embeddings: Tensor
@@ -70,6 +72,8 @@ class ExtractedFeatures:
     skipped: int = 0
     labels: Tensor | None = None
     key: str | None = None
+    summaries: tuple[Tensor, Tensor] | None = None
+    verified: bool = False
 
     def __post_init__(self) -> None:
         n = self.embeddings.shape[0]
@@ -107,4 +111,5 @@ class ExtractedFeatures:
         lmk = None
         if len(self) and bool(torch.isfinite(self.landmarks).all()):
             lmk = landmark_density(self.landmarks, self.image_size, target)
-        return FeatureBank(self.embeddings, patches, self.labels, lmk)
+        summaries = self.summaries if target == self.grid_shape else None
+        return FeatureBank(self.embeddings, patches, self.labels, lmk, summaries, self.verified)

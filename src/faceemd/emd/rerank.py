@@ -27,6 +27,7 @@ __all__ = [
     "RerankConfig",
     "check_finite",
     "pairwise_emd",
+    "patch_summaries",
     "stage1_topk",
     "blend_stage2",
     "stage2_rerank",
@@ -102,12 +103,18 @@ class FeatureBank:
     may be a memory-mapped tensor, rows are gathered per query batch.
     labels: ``(N,)`` integer identity labels.
     lmk: optional ``(N, R)`` landmark-density weights (LMK weighting).
+    summaries: optional ``(norms (N, R), means (N, C))`` of the patches, float32, as the feature
+    cache stores them; with them (and ``verified``) stage 2 reads only the candidates' rows, so
+    a memory-mapped gallery is never read in full.
+    verified: the features are known to be finite (checked when they were cached).
     """
 
     embeddings: Tensor
     patches: Tensor
     labels: Tensor
     lmk: Tensor | None = None
+    summaries: tuple[Tensor, Tensor] | None = None
+    verified: bool = False
 
     def __post_init__(self) -> None:
         n = self.embeddings.shape[0]
@@ -124,6 +131,11 @@ class FeatureBank:
                 f"lmk weights must be (N, R) = {tuple(self.patches.shape[:2])}, "
                 f"got {tuple(self.lmk.shape)}"
             )
+        if self.summaries is not None and (
+            self.summaries[0].shape != self.patches.shape[:2]
+            or self.summaries[1].shape != (n, self.patches.shape[2])
+        ):
+            raise ValueError("summaries must be patch norms (N, R) and patch means (N, C)")
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -281,7 +293,7 @@ def stage2_scores(
     """EMD similarity ``(Q, k)`` between each query and its candidates ``(Q, k)`` (gallery
     rows). Queries go ``cfg.query_batch`` at a time; an out-of-memory error halves that batch
     and retries. Independent of alpha and blend, so it can be computed once per sweep."""
-    norms, pooled = _gallery_summaries(gallery.patches, cfg.chunk_size)
+    norms, pooled = gallery.summaries or patch_summaries(gallery.patches, cfg.chunk_size)
     out = []
     batch = cfg.query_batch
     q0 = 0
@@ -358,7 +370,7 @@ def stage2_rerank(
     return blend_stage2(stage1_score, stage1_index, emd_similarity, cfg)
 
 
-def _gallery_summaries(patches: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+def patch_summaries(patches: Tensor, chunk_size: int = 16384) -> tuple[Tensor, Tensor]:
     """Per-gallery-item patch norms ``(G, R)`` and patch means ``(G, C)``, computed once (each
     gallery item is a candidate of many queries), ~16 MB of patches at a time so that a
     memory-mapped float16 gallery is streamed, not copied. The outputs are allocated up front:
@@ -391,11 +403,12 @@ def two_stage_rank(
     emd_scores: optional ``callable(candidates (Q, k)) -> (Q, k) EMD similarities or None``
     (a cache lookup); computed with :func:`stage2_scores` when it returns None.
     """
-    check_finite("query embeddings", query.embeddings)
-    check_finite("gallery embeddings", gallery.embeddings)
+    for name, bank in (("query", query), ("gallery", gallery)):
+        if not bank.verified:
+            check_finite(f"{name} embeddings", bank.embeddings)
+            if cfg.top_k > 0:
+                check_finite(f"{name} patches", bank.patches)
     if cfg.top_k > 0:
-        check_finite("query patches", query.patches)
-        check_finite("gallery patches", gallery.patches)
         if query.patches.shape[1:] != gallery.patches.shape[1:]:
             raise ValueError(
                 f"query patches {tuple(query.patches.shape[1:])} and gallery patches "
