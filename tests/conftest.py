@@ -18,38 +18,9 @@ MOBILEFACENET = SHARED / "weights" / "mobilefacenet_casia_068.ckpt"
 LFW_112 = SHARED / "data" / "lfw" / "align-112x96"
 
 
-@pytest.fixture
-def compose_evaluate(tmp_path):
-    """compose(overrides) -> the evaluate config with Hydra's runtime fields set."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    def _compose(overrides=()):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("evaluate", overrides=list(overrides), return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(tmp_path)
-            cfg.hydra.runtime.cwd = str(ROOT)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
-
-    yield _compose
-    GlobalHydra.instance().clear()
-
-
-needs_shared_weights = pytest.mark.skipif(
-    not (MOBILEFACENET.is_file() and LFW_112.is_dir()),
-    reason="../shared (real LFW faces and MobileFaceNet weights) is not present",
-)
-
-
-@pytest.fixture
-def compose_train(tmp_path):
-    """compose(overrides) -> the train config with Hydra's runtime fields set."""
+def _composer(config_name: str, tmp_path):
+    """compose(overrides, output_dir=None) -> ``conf/<config_name>.yaml`` composed with Hydra's
+    runtime fields set as a launched job has them (output dir, cwd, job number)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -58,7 +29,7 @@ def compose_train(tmp_path):
     def _compose(overrides=(), output_dir=None):
         GlobalHydra.instance().clear()
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(output_dir or tmp_path)
             cfg.hydra.runtime.cwd = str(ROOT)
@@ -66,5 +37,28 @@ def compose_train(tmp_path):
         HydraConfig.instance().set_config(cfg)
         return cfg
 
-    yield _compose
+    return _compose
+
+
+@pytest.fixture
+def compose_evaluate(tmp_path):
+    """The evaluate.py config (see :func:`_composer`)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    yield _composer("evaluate", tmp_path)
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_train(tmp_path):
+    """The train.py config (see :func:`_composer`)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    yield _composer("train", tmp_path)
+    GlobalHydra.instance().clear()
+
+
+needs_shared_weights = pytest.mark.skipif(
+    not (MOBILEFACENET.is_file() and LFW_112.is_dir()),
+    reason="../shared (real LFW faces and MobileFaceNet weights) is not present",
+)
