@@ -205,3 +205,34 @@ def test_experiment_runs_on_tiny_data(compose_evaluate, tmp_path, name):
     results = run_evaluation(cfg)
     assert results["eval/num_queries"] == 4
     assert 0.0 <= results["stage2/p_at_1"] <= 1.0
+
+
+TRAIN_GROUPS = {
+    group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+    for group in ("train_data", "head", "optimizer", "scheduler")
+}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in TRAIN_GROUPS.items() for o in opts])
+def test_every_train_option_composes_and_builds(compose_train, group, option):
+    import torch
+    from omegaconf import OmegaConf
+
+    from faceemd.models.recognizer import FaceRecognizer
+
+    cfg = compose_train([f"{group}={option}"])
+    if group == "train_data":
+        if option != "synthetic":  # needs the CASIA-WebFace download
+            assert cfg.train_data.val.query.source.root == cfg.train_data.val.gallery.root
+            return
+        dm = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone))
+        dm.setup("fit")
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["image"].shape[1:] == (1, 64, 64) and batch["label"].dtype == torch.long
+        return
+    c = OmegaConf.to_container(cfg, resolve=True)
+    model = FaceRecognizer(c["backbone"], c["head"], 5, c["optimizer"], c.get("scheduler") or None)
+    opt = model.configure_optimizers()
+    assert opt is not None
+    logits = model.head(model(torch.zeros(2, 1, 64, 64)), torch.tensor([0, 1]))
+    assert logits.shape == (2, 5)
