@@ -85,6 +85,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--query-batch", type=int, default=2)
     parser.add_argument("--tol", type=float, default=1e-3)
+    parser.add_argument("--cost-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--gallery-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage of the gallery patch grids (the feature cache can keep float16)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gflops = matmul_gflops()
@@ -92,28 +99,37 @@ def main() -> None:
     k = args.top_k
     for grid in args.grids:
         query, gallery = make_features(args.queries, args.gallery, grid, args.channels)
+        stored = getattr(torch, args.gallery_dtype)
+        gallery = FeatureBank(gallery.embeddings, gallery.patches.to(stored), gallery.labels)
         r = grid * grid
         s1, i1 = stage1_topk(query.embeddings, gallery.embeddings, k)
         cfg = RerankConfig(
-            top_k=k, weighting="apc", alpha=1.0, tol=args.tol, query_batch=args.query_batch
+            top_k=k,
+            weighting="apc",
+            alpha=1.0,
+            tol=args.tol,
+            query_batch=args.query_batch,
+            cost_dtype=args.cost_dtype,
         )
         t0 = time.perf_counter()
         stage2_rerank(query, gallery, s1, i1, cfg)
         ours = args.queries / (time.perf_counter() - t0)
 
         nb = min(args.queries, 16)
-        cands = gallery.patches[i1[:nb]]
+        cands = gallery.patches[i1[:nb]].float()
         t0 = time.perf_counter()
         baseline_per_query(query.patches[:nb], cands, cfg.eps, 100, 1e-3)
         base = nb / (time.perf_counter() - t0)
         ceiling = gflops * 1e9 / (2 * k * r * r * args.channels)
 
-        # Accuracy: engine scores vs converged Sinkhorn (same eps) and vs exact LP.
+        # Accuracy: engine scores vs converged fp32 Sinkhorn (same eps) and vs exact LP.
         na = min(args.queries, 32)
         cand_a = gallery.patches[i1[:na]]
         ours_s = pairwise_emd(query.patches[:na], cand_a, cfg)[0].similarity
-        conv_cfg = RerankConfig(**{**cfg.__dict__, "tol": 1e-7, "max_iter": 5000})
-        conv_s = pairwise_emd(query.patches[:na], cand_a, conv_cfg)[0].similarity
+        conv_cfg = RerankConfig(
+            **{**cfg.__dict__, "tol": 1e-7, "max_iter": 5000, "cost_dtype": "float32"}
+        )
+        conv_s = pairwise_emd(query.patches[:na], cand_a.float(), conv_cfg)[0].similarity
         agree = float((ours_s.argmax(1) == conv_s.argmax(1)).float().mean())
         ne = 4
         exact_cfg = RerankConfig(**{**cfg.__dict__, "solver": "exact"})
