@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from faceemd.cache import FeatureCache, cache_key, state_dict_digest
-from faceemd.features import ExtractedFeatures, pool_patches
+from faceemd.emd.weights import pool_patches
+from faceemd.features import ExtractedFeatures
 from faceemd.models.backbones import ArcFaceResNet18
 
 from .conftest import ROOT

@@ -35,10 +35,16 @@ def test_every_option_composes(compose_evaluate, group, option):
         dm.setup("test")
         assert len(dm.test_dataloader()) in (1, 2)
     elif group == "backbone":
-        build_backbone(cfg.backbone)
-        build_face_input(cfg.backbone)
+        import torch
+
+        net = build_backbone(cfg.backbone)
+        spec = build_face_input(cfg.backbone)
+        out = net(torch.zeros(2, spec.channels, *spec.size))
+        assert out.embedding.shape[0] == 2 and out.grid.dim() == 4
+        assert out.pooled.shape == out.grid.shape[:2]
     elif group == "rerank":
-        RerankEvaluation(rerank_config(cfg.rerank))
+        evaluation = RerankEvaluation(rerank_config(cfg.rerank))
+        assert evaluation.cfg.top_k == cfg.rerank.top_k
     elif group == "logger":
         loggers = build_loggers(cfg.logger)
         assert len(loggers) == {"default": 2, "wandb": 1, "csv": 1, "none": 0}[option]
@@ -46,8 +52,10 @@ def test_every_option_composes(compose_evaluate, group, option):
     elif group == "cache":
         assert cfg.cache.enabled == (option == "disk")
     elif group == "trainer":
-        if option in ("cpu",):
-            instantiate(cfg.trainer, logger=False)
+        assert cfg.trainer._target_ == "lightning.Trainer"
+        if option == "cpu":  # gpu/ddp need devices this machine may not have
+            trainer = instantiate(cfg.trainer, logger=False)
+            assert trainer.num_devices == 1
 
 
 def test_experiment_files_compose(compose_evaluate):

@@ -5,6 +5,7 @@ import torch
 from torch.testing import assert_close
 
 from faceemd.emd import WEIGHTINGS, compute_weights, grid_to_patches, landmark_density, patch_cosine
+from faceemd.emd.weights import pool_patches
 
 # Query: 2 patches in 2-D; one candidate with 2 patches.
 Q = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (B=1, R=2, C=2)
@@ -82,7 +83,7 @@ def test_random_weights_nonnegative_and_normalised(method):
 
 def test_grid_pooling_8x8_to_4x4():
     grid = torch.arange(64.0).view(1, 1, 8, 8)
-    patches = grid_to_patches(grid, (4, 4))
+    patches = pool_patches(grid_to_patches(grid), (8, 8), (4, 4))
     assert patches.shape == (1, 16, 1)
     # first 4x4 cell averages rows 0-1, cols 0-1: (0 + 1 + 8 + 9) / 4
     assert float(patches[0, 0, 0]) == pytest.approx(4.5)

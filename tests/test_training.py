@@ -87,6 +87,25 @@ def test_fast_dev_run_per_head(compose_train, head):
     assert 0.0 <= metrics["stage1/p_at_1"] <= 1.0
 
 
+def test_mixed_precision_accumulation_and_no_logger(compose_train):
+    """The README's Trainer flags, with logging off (no learning-rate monitor then)."""
+    from faceemd.training import run_training
+
+    cfg = compose_train(
+        [
+            "++trainer.fast_dev_run=true",
+            "trainer.precision=bf16-mixed",
+            "trainer.accumulate_grad_batches=2",
+            *[a for a in TINY_TRAIN if not a.startswith("logger")],
+            "logger=none",
+        ]
+    )
+    assert not cfg.logger
+    metrics = run_training(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    assert 0.0 <= metrics["stage1/p_at_1"] <= 1.0
+
+
 def _validate_p_at_1(cfg, model, datamodule):
     from faceemd.callbacks import RerankEvaluation
     from faceemd.evaluation import rerank_config

@@ -58,38 +58,41 @@ def cache_key(**ingredients) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        arr = t.numpy() if isinstance(t, torch.Tensor) else t
-        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
-        # hash in 64 MiB slices so a memory-mapped entry is streamed, not copied
+_BLOCK = 1 << 26  # hash in 64 MiB blocks: a large entry is streamed, never copied whole
+
+
+def _blocks(arr: np.ndarray, fh=None):
+    """The bytes of ``arr`` in blocks: read from the open file ``fh`` for a memory map (so that
+    checking an entry leaves none of its pages mapped into the process), else sliced."""
+    if fh is None or not isinstance(arr, np.memmap):
         flat = arr.reshape(-1).view(np.uint8)
-        for i in range(0, flat.size, 1 << 26):
-            h.update(flat[i : i + (1 << 26)])
-    return h.hexdigest()
+        yield from (flat[i : i + _BLOCK] for i in range(0, flat.size, _BLOCK))
+        return
+    fh.seek(arr.offset)
+    left = arr.nbytes
+    while left:
+        block = fh.read(min(left, _BLOCK))
+        if not block:
+            raise ValueError("tensor data is truncated")
+        yield block
+        left -= len(block)
 
 
-def _file_digest(path: Path, arrays: dict[str, np.ndarray]) -> str:
-    """:func:`_tensor_digest` of memory-mapped arrays computed with ordinary file reads, so
-    that checking a large entry does not leave its pages mapped into the process."""
+def _digest(arrays: dict, path: Path | None = None) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of each tensor/array, in name order; with
+    ``path``, memory-mapped arrays are read from that file."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fh = open(path, "rb") if path is not None else None
+    try:
         for name in sorted(arrays):
             arr = arrays[name]
+            arr = arr.numpy() if isinstance(arr, torch.Tensor) else arr
             h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
-            if not isinstance(arr, np.memmap):
-                h.update(arr.reshape(-1).view(np.uint8))
-                continue
-            fh.seek(arr.offset)
-            left = arr.nbytes
-            while left:
-                block = fh.read(min(left, 1 << 26))
-                if not block:
-                    raise ValueError(f"tensor {name!r} is truncated")
+            for block in _blocks(arr, fh):
                 h.update(block)
-                left -= len(block)
+    finally:
+        if fh is not None:
+            fh.close()
     return h.hexdigest()
 
 
@@ -117,7 +120,7 @@ class FeatureCache:
     def _write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
         """Atomic write of one entry (temporary file + rename) with a SHA-256 of its tensors."""
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        meta = {**meta, "sha256": _tensor_digest(tensors)}
+        meta = {**meta, "sha256": _digest(tensors)}
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -135,7 +138,7 @@ class FeatureCache:
             return None
         try:
             arrays, meta = _read_safetensors(path, names)
-            if self.verify and _file_digest(path, arrays) != meta.get("sha256"):
+            if self.verify and _digest(arrays, path) != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
         except (ValueError, KeyError, OSError, struct.error, json.JSONDecodeError) as err:
             log.warning(

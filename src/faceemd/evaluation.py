@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 
 from faceemd.cache import FeatureCache, cache_key, state_dict_digest
 from faceemd.callbacks import FeatureCollector, evaluate_features
-from faceemd.emd.rerank import RerankConfig
+from faceemd.emd.rerank import RerankConfig, nonfinite_rows
 from faceemd.features import ExtractedFeatures
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.models.extractor import FaceFeatureExtractor
@@ -33,6 +33,7 @@ from faceemd.visualize import save_figures
 
 __all__ = [
     "build_cache",
+    "build_callbacks",
     "build_loggers",
     "check_features",
     "feature_ingredients",
@@ -53,6 +54,11 @@ def build_loggers(cfg: DictConfig | None) -> list:
     if not cfg:
         return []
     return [instantiate(lg) for lg in cfg.values() if lg is not None and "_target_" in lg]
+
+
+def build_callbacks(cfg: DictConfig | None) -> list:
+    """Instantiate the extra Lightning callbacks named under ``cfg`` (``{name: {_target_}}``)."""
+    return [instantiate(c) for c in (cfg or {}).values() if c]
 
 
 def finish_loggers() -> None:
@@ -118,10 +124,8 @@ def feature_ingredients(
 
 def check_features(name: str, feats: ExtractedFeatures, faces) -> None:
     """Raise ``ValueError`` naming the images whose features hold NaN/Inf (never cached)."""
-    bad = ~torch.isfinite(feats.embeddings).all(1) | ~torch.isfinite(
-        feats.patches.reshape(len(feats), -1)
-    ).all(1)
-    if bool(bad.any()):
+    bad = sorted(set(nonfinite_rows(feats.embeddings)) | set(nonfinite_rows(feats.patches)))
+    if bad:
         files = getattr(faces, "files", None)
         ids = [files[i] if files else f"#{i}" for i in feats.index[bad].tolist()]
         shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
@@ -168,7 +172,7 @@ class ScoreCache:
                  "log_domain", "cost_dtype", "grid")  # fmt: skip
 
     def __init__(self, cache: FeatureCache | None, feats: dict, rerank: RerankConfig) -> None:
-        keys = [getattr(f, "key", None) for f in feats.values()]
+        keys = [f.key for f in feats.values()]
         self.cache = cache if cache is not None and all(keys) else None
         self.base = {"features": keys, **{k: getattr(rerank, k) for k in self._SETTINGS}}
         self.hit = False
@@ -193,7 +197,7 @@ class ScoreCache:
 
 
 def load_or_extract(
-    cfg: DictConfig, backbone, datamodule, loggers: list
+    cfg: DictConfig, backbone, datamodule, loggers: list, cache: FeatureCache | None
 ) -> tuple[dict[str, ExtractedFeatures], dict[str, float], bool]:
     """Features of the query set (and gallery set) from the cache, extracting what is missing.
 
@@ -201,18 +205,19 @@ def load_or_extract(
     as it is extracted, so a killed run resumes at the first missing part. Extraction runs
     Lightning's test loop on the configured Trainer (devices, strategy) with a
     :class:`FeatureCollector`; rank 0 writes the cache. Returns ``(features by set name,
-    eval/* counters, is_global_zero)``; features carry labels.
+    eval/* counters, is_global_zero)``; features carry labels. cache: None extracts all.
     """
     sets = {"query": datamodule.query}
     if not datamodule.same_images:
         sets["gallery"] = datamodule.gallery
-    cache_cfg = cfg.get("cache") or {}
-    cache = build_cache(cache_cfg)
+    chunk = int((cfg.get("cache") or {}).get("chunk_images", 0) or 0)
     digest = state_dict_digest(backbone) if cache else ""
     units = []  # (set name, (start, stop), key, ingredients)
     for name, faces in sets.items():
-        ingredients = cache and feature_ingredients(digest, faces, cfg.backbone, cache.dtype)
-        for a, b in _parts(len(faces), int(cache_cfg.get("chunk_images", 0) or 0)):
+        ingredients = None
+        if cache is not None:
+            ingredients = feature_ingredients(digest, faces, cfg.backbone, cache.dtype)
+        for a, b in _parts(len(faces), chunk):
             part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
             units.append((name, (a, b), cache_key(**part) if part else None, part))
     got = {(u[0], u[1]): cache.load(u[2]) if u[2] else None for u in units}
@@ -220,10 +225,8 @@ def load_or_extract(
     is_zero, seconds = True, 0.0
     if missing:
         collector = FeatureCollector()
-        trainer = instantiate(cfg.trainer, callbacks=[collector], logger=loggers or False)
-        for extra in (cfg.get("callbacks") or {}).values():
-            if extra:
-                trainer.callbacks.append(instantiate(extra))
+        callbacks = [collector, *build_callbacks(cfg.get("callbacks"))]
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         extractor = FaceFeatureExtractor(backbone, flip=cfg.backbone.flip_test)
         for name, (a, b), key, part in missing:
             loader = datamodule.loader(Subset(sets[name], range(a, b)))
@@ -311,12 +314,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     try:
         for lg in loggers:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers)
+        cache = build_cache(cfg.get("cache"))
+        feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers, cache)
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
         # every process ranks its block of queries (one block without a process group)
-        scores = ScoreCache(build_cache(cfg.get("cache")), feats, rerank)
+        scores = ScoreCache(cache, feats, rerank)
         results, ranking = evaluate_features(query, gallery, rerank, same, scores.lookup)
         if is_zero:
             scores.store(ranking)

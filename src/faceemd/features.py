@@ -11,37 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from faceemd.emd.rerank import FeatureBank
-from faceemd.emd.weights import landmark_density
+from faceemd.emd.weights import landmark_density, pool_patches
 
-__all__ = ["ExtractedFeatures", "pool_patches"]
-
-
-def pool_patches(
-    patches: Tensor, grid_shape: tuple[int, int], pool_to: tuple[int, int], chunk: int = 4096
-) -> Tensor:
-    """Adaptive-average-pool row-major patches ``(N, gh*gw, C)`` to ``(N, H'*W', C)``.
-
-    Works through ``chunk`` rows at a time, so a memory-mapped input is read once and only the
-    pooled result is held in memory. Keeps the input dtype.
-    """
-    gh, gw = grid_shape
-    n, r, c = patches.shape
-    if r != gh * gw:
-        raise ValueError(f"patches have {r} rows per image, grid {gh}x{gw} needs {gh * gw}")
-    if tuple(pool_to) == (gh, gw):
-        return patches
-    out = []
-    for i in range(0, n, chunk):
-        x = patches[i : i + chunk].float().reshape(-1, gh, gw, c).permute(0, 3, 1, 2)
-        x = F.adaptive_avg_pool2d(x, tuple(pool_to))
-        out.append(x.flatten(2).transpose(1, 2).to(patches.dtype))
-    if not out:
-        return patches.new_empty(0, pool_to[0] * pool_to[1], c)
-    return torch.cat(out)
+__all__ = ["ExtractedFeatures"]
 
 
 @dataclass

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
-from faceemd.evaluation import build_loggers, finish_loggers, rerank_config
+from faceemd.evaluation import build_callbacks, build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_face_input
 from faceemd.models.recognizer import FaceRecognizer
 
@@ -84,15 +84,13 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         save_last=True,
         save_top_k=1,
     )
-    callbacks = [
-        checkpoint,
-        LearningRateMonitor(logging_interval="step"),
-        SaveOnInterrupt(ckpt_dir / "last.ckpt"),
-    ]
+    loggers = build_loggers(cfg.get("logger"))
+    callbacks = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt")]
+    if loggers:  # the learning-rate monitor needs a logger to write to
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if has_val:
         callbacks.append(RerankEvaluation(rerank_config(cfg.rerank)))
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    loggers = build_loggers(cfg.get("logger"))
+    callbacks += build_callbacks(cfg.get("callbacks"))
     try:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for lg in loggers:

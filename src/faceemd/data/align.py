@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import cv2
 import numpy as np
 
 from faceemd.data.folders import IMAGE_SUFFIXES, BadImageError, read_image, read_landmarks
+from faceemd.data.manifest import Manifest, landmark_list, write_image
 
 __all__ = ["TEMPLATES", "Template", "align_face", "align_folder", "five_points", "umeyama"]
 
@@ -185,24 +185,12 @@ def align_folder(
     if not files:
         raise ValueError(f"no <Name>/<image> files under {src}")
     dst.mkdir(parents=True, exist_ok=True)
-    manifest_path = dst / "manifest.jsonl"
-    done: dict[str, dict] = {}
-    if manifest_path.is_file():
-        for line in manifest_path.read_text().splitlines():
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if e.get("template") == template and (
-                e["status"] == "skipped" or (dst / e["rel"]).is_file()
-            ):
-                done[e["rel"]] = e
     points_of = _image_points(src, landmark_model)
     counts = {"aligned": 0, "reused": 0, "skipped": 0}
-    with open(manifest_path, "a") as manifest:
+    with Manifest(dst, match={"template": template}) as manifest:
         for rel in files:
-            if rel in done:
-                counts["reused" if done[rel]["status"] == "ok" else "skipped"] += 1
+            if rel in manifest.done:
+                counts["reused" if manifest.done[rel]["status"] == "ok" else "skipped"] += 1
                 continue
             try:
                 image = read_image(src / rel)
@@ -211,23 +199,16 @@ def align_folder(
             except (BadImageError, ValueError) as err:
                 if on_bad_image != "skip":
                     raise
-                entry = {"rel": rel, "template": template, "status": "skipped", "reason": str(err)}
+                entry = {"rel": rel, "status": "skipped", "reason": str(err)}
                 counts["skipped"] += 1
             else:
-                target = dst / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}{target.suffix}")
-                bgr = aligned if aligned.ndim == 2 else cv2.cvtColor(aligned, cv2.COLOR_RGB2BGR)
-                cv2.imwrite(str(tmp), bgr)
-                os.replace(tmp, target)
-                entry = {"rel": rel, "template": template, "status": "ok"}
+                write_image(dst / rel, aligned)
+                entry = {"rel": rel, "status": "ok"}
                 if lmk is not None:
-                    mapped = np.asarray(lmk, np.float64) @ m[:, :2].T + m[:, 2]
-                    entry["landmarks"] = np.round(mapped, 2).reshape(-1).tolist()
+                    entry["landmarks"] = landmark_list(np.asarray(lmk) @ m[:, :2].T + m[:, 2])
                 counts["aligned"] += 1
-            manifest.write(json.dumps(entry) + "\n")
-            manifest.flush()
-            done[rel] = entry
+            manifest.record(entry)
+    done = manifest.done
     with open(dst / "landmarks68.tsv", "w") as tsv:
         for rel in files:
             e = done.get(rel, {})

@@ -19,13 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from faceemd.data.transforms import FaceInput
 
-__all__ = ["IdentificationDataModule"]
+__all__ = ["IdentificationDataModule", "PreparedFaces", "collate_faces"]
 
 log = logging.getLogger(__name__)
 
 
-class _Prepared(Dataset):
-    """Applies the backbone input transform and the shared label vocabulary to a face set."""
+class PreparedFaces(Dataset):
+    """Applies the backbone input transform and the shared label vocabulary to a face set.
+
+    Subclasses change the image before the input transform by overriding :meth:`transform`
+    (training augmentation, :class:`faceemd.data.train_datamodule.TrainFaces`).
+    """
 
     def __init__(self, faces, face_input: FaceInput, vocab: dict[str, int]) -> None:
         self.faces = faces
@@ -40,7 +44,8 @@ class _Prepared(Dataset):
         if item is None:
             return None
         image, name, lmk = item
-        x, lmk = self.face_input(image, np.asarray(lmk, np.float32))
+        image, lmk = self.transform(image, np.asarray(lmk, np.float32), index)
+        x, lmk = self.face_input(np.ascontiguousarray(image), lmk)
         return {
             "image": x,
             "label": self.vocab[name],
@@ -48,8 +53,13 @@ class _Prepared(Dataset):
             "landmarks": torch.from_numpy(np.ascontiguousarray(lmk, np.float32)),
         }
 
+    def transform(self, image: np.ndarray, lmk: np.ndarray, index: int):
+        """``(image, landmarks (68, 2))`` of item ``index`` before the input transform."""
+        return image, lmk
 
-def _collate(items):
+
+def collate_faces(items):
+    """Batch the readable items; ``skipped`` counts the unreadable ones (None)."""
     kept = [it for it in items if it is not None]
     batch = torch.utils.data.default_collate(kept) if kept else {}
     batch["skipped"] = len(items) - len(kept)
@@ -103,11 +113,11 @@ class IdentificationDataModule(L.LightningDataModule):
     def loader(self, faces) -> DataLoader:
         """An ordered loader over one face set, prepared for the backbone."""
         return DataLoader(
-            _Prepared(faces, self.face_input, self.vocab),
+            PreparedFaces(faces, self.face_input, self.vocab),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
-            collate_fn=_collate,
+            collate_fn=collate_faces,
         )
 
     def test_dataloader(self) -> list[DataLoader]:

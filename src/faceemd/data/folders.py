@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import re
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -104,9 +105,7 @@ class _FileFaces:
     def summary(self) -> dict[str, int]:
         """Identities, images and singleton identities (one image: never a relevant match
         for itself)."""
-        counts: dict[str, int] = {}
-        for label in self.labels:
-            counts[label] = counts.get(label, 0) + 1
+        counts = Counter(self.labels)
         return {
             "images": len(self.files),
             "identities": len(counts),
@@ -115,11 +114,7 @@ class _FileFaces:
 
     def _keep_identities(self, min_images: int) -> None:
         """Drop identities with fewer than ``min_images`` images."""
-        if min_images <= 1:
-            return
-        counts: dict[str, int] = {}
-        for label in self.labels:
-            counts[label] = counts.get(label, 0) + 1
+        counts = Counter(self.labels)
         kept = [
             (f, lb)
             for f, lb in zip(self.files, self.labels, strict=True)
@@ -183,10 +178,9 @@ class ImageFolderFaces(_FileFaces):
             if not images:
                 empty.append(folder.name)
                 continue
-            if len(images) < min_images_per_identity:
-                continue
             self.files += [f"{folder.name}/{name}" for name in images]
             self.labels += [folder.name] * len(images)
+        self._keep_identities(min_images_per_identity)
         self.empty_identities = empty
         if not self.files:
             raise ValueError(

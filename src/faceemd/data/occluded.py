@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import zlib
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from faceemd.data.folders import BadImageError, _FileFaces
+from faceemd.data.manifest import Manifest, landmark_list, write_image
 from faceemd.data.occlusion import OCCLUSIONS, apply_occlusion
 
 __all__ = ["OccludedFaces"]
@@ -80,7 +79,6 @@ class OccludedFaces(_FileFaces):
         self._landmarker = None
         self._source_names = list(source.label_names())
         super().__init__(folder, on_bad_image, landmarks=str(folder / "landmarks68.tsv"))
-        self.manifest_path = folder / "manifest.jsonl"
         self._materialise()
 
     def _relpath(self, index: int) -> str:
@@ -88,18 +86,6 @@ class OccludedFaces(_FileFaces):
         if files is not None:
             return str(Path(files[index]).with_suffix(".png"))
         return f"{self._source_names[index]}/{index:06d}.png"
-
-    def _read_manifest(self) -> dict[str, dict]:
-        done: dict[str, dict] = {}
-        if self.manifest_path.is_file():
-            for line in self.manifest_path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a killed run
-                    continue
-                if entry.get("status") == "skipped" or (self.root / entry["rel"]).is_file():
-                    done[entry["rel"]] = entry
-        return done
 
     def _landmarks_for(self, image: np.ndarray, lmk: np.ndarray, rel: str) -> np.ndarray:
         if lmk is not None and np.isfinite(lmk).all():
@@ -129,25 +115,18 @@ class OccludedFaces(_FileFaces):
             lmk = self._landmarks_for(image, lmk, rel)
         rng = np.random.default_rng([self.seed, zlib.crc32(rel.encode())])
         out, new_lmk = apply_occlusion(image, lmk, self.occlusion, rng)
-        target = self.root / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}.png")
-        bgr = out if out.ndim == 2 else cv2.cvtColor(out, cv2.COLOR_RGB2BGR)
-        if not cv2.imwrite(str(tmp), bgr):
-            raise OSError(f"cannot write {tmp}")
-        os.replace(tmp, target)
+        write_image(self.root / rel, out)
         entry = {"rel": rel, "label": label, "status": "ok", "source_index": index}
         if new_lmk is not None and np.isfinite(new_lmk).all():
-            entry["landmarks"] = np.round(np.asarray(new_lmk, float), 2).reshape(-1).tolist()
+            entry["landmarks"] = landmark_list(new_lmk)
         return entry
 
     def _materialise(self) -> None:
-        done = self._read_manifest()
         made = skipped = 0
-        with open(self.manifest_path, "a") as manifest:
+        with Manifest(self.root) as manifest:
             for index in range(len(self.source)):
                 rel = self._relpath(index)
-                if rel in done:
+                if rel in manifest.done:
                     continue
                 try:
                     entry = self._one(index, rel)
@@ -162,9 +141,9 @@ class OccludedFaces(_FileFaces):
                         "source_index": index,
                     }
                     skipped += 1
-                manifest.write(json.dumps(entry) + "\n")
-                manifest.flush()
-                done[rel] = entry
+                manifest.record(entry)
+        self.manifest_path = manifest.path
+        done = manifest.done
         order = sorted(done.values(), key=lambda e: e["source_index"])
         ok = [e for e in order if e["status"] == "ok"]
         self.skip_list = [(e["rel"], e["reason"]) for e in order if e["status"] == "skipped"]

@@ -14,19 +14,18 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from faceemd.data.augment import build_augment
-from faceemd.data.datamodule import IdentificationDataModule, _collate
+from faceemd.data.datamodule import IdentificationDataModule, PreparedFaces, collate_faces
 from faceemd.data.folders import BadImageError, read_image
 from faceemd.data.transforms import FaceInput
 
 __all__ = ["FaceTrainDataModule", "TrainFaces"]
 
 
-class TrainFaces(Dataset):
-    """Items ``{"image": (C, h, w), "label": int}`` (None for an unreadable image, skipped).
+class TrainFaces(PreparedFaces):
+    """Training items (see :class:`PreparedFaces`; ``None`` for an unreadable image, skipped).
 
     faces: the face set; vocab: identity name -> class id; face_input: backbone input spec;
     augment: keyword arguments of :func:`build_augment` (None: no augmentation);
@@ -42,32 +41,20 @@ class TrainFaces(Dataset):
         masked_root: str | None = None,
         p_masked_copy: float = 0.0,
     ) -> None:
-        self.faces = faces
-        self.names = list(faces.label_names())
-        self.vocab = vocab
-        self.face_input = face_input
+        super().__init__(faces, face_input, vocab)
         self.augment = build_augment(**augment) if augment else None
         self.masked_root = Path(masked_root) if masked_root else None
         if self.masked_root is not None and not self.masked_root.is_dir():
             raise FileNotFoundError(f"masked copies folder not found: {self.masked_root}")
         self.p_masked_copy = p_masked_copy
 
-    def __len__(self) -> int:
-        return len(self.faces)
-
-    def __getitem__(self, index: int):
-        item = self.faces[index]
-        if item is None:
-            return None
-        image, name, lmk = item
+    def transform(self, image: np.ndarray, lmk: np.ndarray, index: int):
         if self.masked_root is not None and np.random.random() < self.p_masked_copy:
-            rel = self.faces.files[index]
             try:
-                image = read_image(self.masked_root / rel)
+                image = read_image(self.masked_root / self.faces.files[index])
                 lmk = np.full((68, 2), np.nan, np.float32)  # the copy's landmarks are unknown
             except BadImageError:
                 pass  # no masked copy of this image: train on the original
-        lmk = np.asarray(lmk, np.float32)
         if self.augment is not None:
             known = bool(np.isfinite(lmk).all())
             out = self.augment(
@@ -75,8 +62,7 @@ class TrainFaces(Dataset):
             )
             image = out["image"]
             lmk = np.asarray(out["keypoints"], np.float32) if known else lmk
-        x, _ = self.face_input(np.ascontiguousarray(image), lmk)
-        return {"image": x, "label": self.vocab[name]}
+        return image, lmk
 
 
 class FaceTrainDataModule(L.LightningDataModule):
@@ -138,16 +124,9 @@ class FaceTrainDataModule(L.LightningDataModule):
             shuffle=True,
             drop_last=len(data) >= self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=_train_collate,
+            collate_fn=collate_faces,
             persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self):
         return [] if self.val is None else self.val.val_dataloader()
-
-
-def _train_collate(items):
-    batch = _collate(items)
-    if "label" in batch:
-        batch["label"] = torch.as_tensor(batch["label"], dtype=torch.long)
-    return batch

@@ -26,6 +26,7 @@ __all__ = [
     "Ranking",
     "RerankConfig",
     "check_finite",
+    "nonfinite_rows",
     "pairwise_emd",
     "patch_summaries",
     "stage1_topk",
@@ -51,7 +52,7 @@ class RerankConfig:
     cost_dtype: precision of the patch-cosine matrix product (``'float32'`` or ``'bfloat16'``).
     query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats).
     chunk_size: gallery items per stage-1 step.
-    grid: optional ``(H', W')`` the patch grids are pooled to at extraction (paper: 8x8 or 4x4);
+    grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
     None keeps the backbone's native grid.
     """
 
@@ -162,16 +163,21 @@ class Ranking:
     emd_similarity: Tensor | None = None
 
 
-def check_finite(name: str, x: Tensor) -> None:
-    """Raise ``ValueError`` naming the rows of ``x`` (first dim) holding NaN or Inf.
-
-    Reads ~16 MB at a time, so a memory-mapped gallery is streamed, not copied."""
+def nonfinite_rows(x: Tensor) -> list[int]:
+    """Rows of ``x`` (first dim) holding NaN or Inf, reading ~16 MB at a time so that a
+    memory-mapped gallery is streamed, not copied."""
     per_row = max(1, x[0].numel()) if x.shape[0] else 1
     step = max(1, (1 << 22) // per_row)
-    bad_rows: list[int] = []
+    rows: list[int] = []
     for i in range(0, x.shape[0], step):
         bad = ~torch.isfinite(x[i : i + step].reshape(-1, per_row)).all(1)
-        bad_rows += (bad.nonzero().flatten() + i).tolist()
+        rows += (bad.nonzero().flatten() + i).tolist()
+    return rows
+
+
+def check_finite(name: str, x: Tensor) -> None:
+    """Raise ``ValueError`` naming the rows of ``x`` (first dim) holding NaN or Inf."""
+    bad_rows = nonfinite_rows(x)
     if bad_rows:
         shown = ", ".join(map(str, bad_rows[:10])) + (" ..." if len(bad_rows) > 10 else "")
         raise ValueError(
@@ -362,12 +368,19 @@ def stage2_rerank(
     optional precomputed :func:`stage2_scores` of those candidates. Returns ``(score, index)``
     of the same shape; columns from ``top_k`` on are unchanged.
     """
-    k = min(cfg.top_k, stage1_index.shape[1])
-    if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0):
+    k = _stage2_depth(cfg, stage1_index.shape[1])
+    if k == 0:
         return stage1_score.clone(), stage1_index.clone()
     if emd_similarity is None:
         emd_similarity = stage2_scores(query, gallery, stage1_index[:, :k], cfg)
     return blend_stage2(stage1_score, stage1_index, emd_similarity, cfg)
+
+
+def _stage2_depth(cfg: RerankConfig, depth: int) -> int:
+    """Candidates stage 2 re-ranks: 0 when it cannot change the order (k <= 1, or alpha = 0
+    with the linear blend)."""
+    k = min(cfg.top_k, depth)
+    return 0 if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0) else k
 
 
 def patch_summaries(patches: Tensor, chunk_size: int = 16384) -> tuple[Tensor, Tensor]:
@@ -420,9 +433,9 @@ def two_stage_rank(
         query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
     )
     t1 = time.perf_counter()
-    k = min(cfg.top_k, i1.shape[1])
+    k = _stage2_depth(cfg, i1.shape[1])
     emd = None
-    if k > 1 and not (cfg.blend == "linear" and cfg.alpha == 0.0):
+    if k:
         emd = emd_scores(i1[:, :k]) if emd_scores is not None else None
         if emd is None:
             emd = stage2_scores(query, gallery, i1[:, :k], cfg)

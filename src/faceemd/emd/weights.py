@@ -23,6 +23,7 @@ __all__ = [
     "grid_to_patches",
     "landmark_density",
     "normalise_weights",
+    "pool_patches",
 ]
 
 WEIGHTINGS = ("uniform", "apc", "cc", "sc", "sc_official", "lmk")
@@ -44,17 +45,37 @@ def normalise_weights(w: Tensor) -> Tensor:
     return torch.where(empty, uniform, w / total.clamp_min(torch.finfo(w.dtype).tiny))
 
 
-def grid_to_patches(grid: Tensor, pool_to: tuple[int, int] | None = None) -> Tensor:
-    """Turn a feature map ``(N, C, H, W)`` into patches ``(N, H'*W', C)``.
-
-    pool_to: optional ``(H', W')`` adaptive-average-pool target (paper Sec. 3.1: 8x8 -> 4x4).
-    Patches are ordered row-major, so patch ``r`` sits at row ``r // W'``, column ``r % W'``.
-    """
+def grid_to_patches(grid: Tensor) -> Tensor:
+    """Turn a feature map ``(N, C, H, W)`` into patches ``(N, H*W, C)``, row-major: patch ``r``
+    sits at row ``r // W``, column ``r % W``."""
     if grid.dim() != 4:
         raise ValueError(f"expected a feature map (N, C, H, W), got shape {tuple(grid.shape)}")
-    if pool_to is not None and tuple(pool_to) != tuple(grid.shape[-2:]):
-        grid = F.adaptive_avg_pool2d(grid.float(), tuple(pool_to)).to(grid.dtype)
     return grid.flatten(2).transpose(1, 2)
+
+
+def pool_patches(
+    patches: Tensor, grid_shape: tuple[int, int], pool_to: tuple[int, int], chunk: int = 4096
+) -> Tensor:
+    """Adaptive-average-pool row-major patches ``(N, gh*gw, C)`` to ``(N, H'*W', C)`` (paper
+    Sec. 3.1: 8x8 -> 4x4).
+
+    Works through ``chunk`` rows at a time, so a memory-mapped input is read once and only the
+    pooled result is held in memory. Keeps the input dtype.
+    """
+    gh, gw = grid_shape
+    n, r, c = patches.shape
+    if r != gh * gw:
+        raise ValueError(f"patches have {r} rows per image, grid {gh}x{gw} needs {gh * gw}")
+    if tuple(pool_to) == (gh, gw):
+        return patches
+    out = []
+    for i in range(0, n, chunk):
+        x = patches[i : i + chunk].float().reshape(-1, gh, gw, c).permute(0, 3, 1, 2)
+        x = F.adaptive_avg_pool2d(x, tuple(pool_to))
+        out.append(x.flatten(2).transpose(1, 2).to(patches.dtype))
+    if not out:
+        return patches.new_empty(0, pool_to[0] * pool_to[1], c)
+    return torch.cat(out)
 
 
 def landmark_density(
