@@ -112,7 +112,7 @@ def child(folder: Path, queries: int, top_k: int) -> dict:
         queries, *patches.shape[1:], generator=rng
     )
     query = FeatureBank(q_emb, q_patches, labels[rows])
-    cfg = RerankConfig(top_k=top_k, weighting="apc", tol=1e-3, query_batch=2)
+    cfg = RerankConfig(top_k=top_k, weighting="apc", tol=1e-3)
     t0 = time.perf_counter()
     ranking = two_stage_rank(query, gallery, cfg)
     total = time.perf_counter() - t0

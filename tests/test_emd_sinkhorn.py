@@ -20,11 +20,20 @@ def _problem(b=3, k=5, r=9, c=16, noise=0.6, seed=0):
     return cost, u, v
 
 
-@pytest.mark.parametrize("log_domain", [False, True])
-def test_sinkhorn_matches_exact_lp(log_domain):
+# The multiplicative rule's two backends (batched torch; fused per-problem numba on CPU) and the
+# log-domain rule are each checked against the same references.
+SOLVERS = [
+    pytest.param({"backend": "torch"}, id="torch"),
+    pytest.param({"backend": "numba"}, id="numba"),
+    pytest.param({"log_domain": True}, id="log"),
+]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_sinkhorn_matches_exact_lp(solver):
     cost, u, v = _problem()
     eps = 0.01
-    approx = sinkhorn(cost, u, v, eps=eps, max_iter=3000, tol=1e-6, log_domain=log_domain)
+    approx = sinkhorn(cost, u, v, eps=eps, max_iter=3000, tol=1e-6, **solver)
     exact = exact_emd(cost, u, v)
     # Entropic OT overestimates the LP by at most eps * log(R * R') (entropy of the plan is
     # bounded by log(R R')); here that is 0.01 * log(81) = 0.044. In practice it is far closer.
@@ -35,20 +44,22 @@ def test_sinkhorn_matches_exact_lp(log_domain):
     assert_close(approx.distance, exact.distance, atol=1e-2, rtol=0)
 
 
-def test_default_eps_preserves_exact_ranking():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_default_eps_preserves_exact_ranking(solver):
     cost, u, v = _problem(b=4, k=20, r=16, noise=0.8, seed=1)
-    approx = sinkhorn(cost, u, v, eps=0.05, max_iter=500, tol=1e-5)
+    approx = sinkhorn(cost, u, v, eps=0.05, max_iter=500, tol=1e-5, **solver)
     exact = exact_emd(cost, u, v)
     # Ranking candidates is what stage 2 uses: the top candidate must agree.
     assert torch.equal(approx.distance.argmin(1), exact.distance.argmin(1))
 
 
-def test_identical_grids_zero_distance_diagonal_flow():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_identical_grids_zero_distance_diagonal_flow(solver):
     g = torch.Generator().manual_seed(2)
     q = torch.randn(2, 16, 32, generator=g)
     cost = (1.0 - patch_cosine(q, q[:, None])).clamp_min(0)
     u = torch.full((2, 1, 16), 1 / 16)
-    res = sinkhorn(cost, u, u, eps=0.01, max_iter=2000, tol=1e-7, return_flow=True)
+    res = sinkhorn(cost, u, u, eps=0.01, max_iter=2000, tol=1e-7, return_flow=True, **solver)
     assert_close(res.distance, torch.zeros(2, 1), atol=5e-3, rtol=0)
     diag = res.flow.diagonal(dim1=-2, dim2=-1).sum(-1)
     assert bool((diag > 0.95).all())
@@ -56,30 +67,33 @@ def test_identical_grids_zero_distance_diagonal_flow():
     assert_close(ex.flow, torch.diag_embed(u), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("log_domain", [False, True])
-def test_marginals_match_weights(log_domain):
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_marginals_match_weights(solver):
     cost, u, v = _problem(seed=3)
-    res = sinkhorn(cost, u, v, tol=1e-6, max_iter=2000, log_domain=log_domain, return_flow=True)
+    res = sinkhorn(cost, u, v, tol=1e-6, max_iter=2000, return_flow=True, **solver)
     assert_close(res.flow.sum(-1), u, atol=1e-5, rtol=0)
     assert_close(res.flow.sum(-2), v, atol=1e-5, rtol=0)
     assert bool((res.marginal_error <= 1e-5).all())
     assert_close(res.similarity, 1.0 - res.distance, atol=1e-5, rtol=0)
 
 
-def test_permuting_patches_leaves_distance_unchanged():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_permuting_patches_leaves_distance_unchanged(solver):
     cost, u, v = _problem(seed=4)
     pi, pj = torch.randperm(9), torch.randperm(9)
-    a = sinkhorn(cost, u, v, tol=1e-7, max_iter=2000)
-    b = sinkhorn(cost[..., pi, :][..., pj], u[..., pi], v[..., pj], tol=1e-7, max_iter=2000)
+    a = sinkhorn(cost, u, v, tol=1e-7, max_iter=2000, **solver)
+    permuted = (cost[..., pi, :][..., pj], u[..., pi], v[..., pj])
+    b = sinkhorn(*permuted, tol=1e-7, max_iter=2000, **solver)
     assert_close(a.distance, b.distance, atol=1e-5, rtol=0)
 
 
-def test_batched_equals_looped():
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_batched_equals_looped(solver):
     cost, u, v = _problem(b=2, k=4, seed=5)
-    batched = sinkhorn(cost, u, v, tol=1e-6, max_iter=1000)
+    batched = sinkhorn(cost, u, v, tol=1e-6, max_iter=1000, **solver)
     for i in range(2):
         for j in range(4):
-            one = sinkhorn(cost[i, j], u[i, j], v[i, j], tol=1e-6, max_iter=1000)
+            one = sinkhorn(cost[i, j], u[i, j], v[i, j], tol=1e-6, max_iter=1000, **solver)
             assert_close(batched.distance[i, j], one.distance, atol=1e-6, rtol=0)
 
 
@@ -88,8 +102,8 @@ def test_zero_weight_patches_and_all_zero_vectors_stay_finite():
     u = u.clone()
     u[..., :4] = 0
     u = u / u.sum(-1, keepdim=True)
-    for log_domain in (False, True):
-        res = sinkhorn(cost, u, v, log_domain=log_domain, return_flow=True)
+    for solver in ({"backend": "torch"}, {"backend": "numba"}, {"log_domain": True}):
+        res = sinkhorn(cost, u, v, return_flow=True, **solver)
         assert bool(torch.isfinite(res.distance).all())
         assert float(res.flow[..., :4, :].abs().max()) < 1e-6
     with pytest.warns(RuntimeWarning, match="all zero"):
@@ -110,20 +124,31 @@ def test_half_precision_inputs(dtype):
     assert_close(low.distance, ref.distance, atol=2e-2, rtol=0)
 
 
-def test_convergence_is_per_problem():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_convergence_is_per_problem(backend):
     # Problem 0 is easy (uniform weights on a cost that is 0 on the diagonal, 2 elsewhere: the
     # first iteration is already feasible); problem 1 is a random hard one. Each must stop at
-    # its own iteration count, not the batch's.
+    # its own iteration count, not the batch's: the torch backend at its first check (5), the
+    # numba one after the first iteration, whose check is free.
     cost, u, v = _problem(b=1, k=2, seed=8)
     cost = cost.clone()
     cost[0, 0] = 2.0 - 2.0 * torch.eye(9)
     u, v = u.clone(), v.clone()
     u[0, 0] = v[0, 0] = 1.0 / 9
-    res = sinkhorn(cost, u, v, eps=0.05, tol=1e-5, max_iter=500, check_every=5)
+    res = sinkhorn(cost, u, v, eps=0.05, tol=1e-5, max_iter=500, check_every=5, backend=backend)
+    easy = 5 if backend == "torch" else 1
     assert res.iterations.shape == (1, 2)
-    assert int(res.iterations[0, 0]) == 5
+    assert int(res.iterations[0, 0]) == easy
     assert int(res.iterations[0, 1]) > 5
     assert bool((res.marginal_error <= 1e-5).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_iteration_cap_is_respected(backend):
+    cost, u, v = _problem(seed=9)
+    res = sinkhorn(cost, u, v, eps=0.01, tol=1e-9, max_iter=7, check_every=3, backend=backend)
+    assert bool((res.iterations == 7).all())
+    assert bool((res.marginal_error > 1e-9).all())
 
 
 def test_bad_input():
@@ -132,5 +157,17 @@ def test_bad_input():
         sinkhorn(cost, u[..., :-1], v)
     with pytest.raises(ValueError, match="eps must be"):
         sinkhorn(cost, u, v, eps=0)
+    with pytest.raises(ValueError, match="backend must be"):
+        sinkhorn(cost, u, v, backend="cuda")
     with pytest.raises(ValueError, match="disagree"):
         pairwise_emd(torch.randn(2, 4, 8), torch.randn(2, 3, 4, 9), RerankConfig())
+
+
+def test_backends_agree_on_converged_scores():
+    cost, u, v = _problem(b=3, k=8, r=16, c=32, noise=0.8, seed=10)
+    torch_res = sinkhorn(cost, u, v, tol=1e-6, max_iter=3000, backend="torch")
+    numba_res = sinkhorn(cost, u, v, tol=1e-6, max_iter=3000, backend="numba")
+    # Both stop within tol = 1e-6 of the same fixed point; scores are sums of cost-weighted
+    # flow, so they differ by about tol * max cost.
+    assert_close(numba_res.similarity, torch_res.similarity, atol=1e-5, rtol=0)
+    assert_close(numba_res.distance, torch_res.distance, atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """DeepFace-EMD method core: plain tensor code, no Lightning or Hydra (paper Sec. 2.3-2.5)."""
 
+from faceemd.emd.cost import patch_cosine, quantize_patches
 from faceemd.emd.exact import exact_emd
 from faceemd.emd.rerank import (
     FeatureBank,
@@ -11,7 +12,7 @@ from faceemd.emd.rerank import (
     stage2_rerank,
     two_stage_rank,
 )
-from faceemd.emd.sinkhorn import EMDResult, patch_cosine, sinkhorn
+from faceemd.emd.sinkhorn import EMDResult, sinkhorn
 from faceemd.emd.weights import (
     WEIGHTINGS,
     compute_weights,
@@ -34,6 +35,7 @@ __all__ = [
     "normalise_weights",
     "pairwise_emd",
     "patch_cosine",
+    "quantize_patches",
     "sinkhorn",
     "stage1_topk",
     "stage2_rerank",

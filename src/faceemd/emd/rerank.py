@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from faceemd.emd.cost import patch_cosine, quantize_patches
 from faceemd.emd.exact import exact_emd
-from faceemd.emd.sinkhorn import EMDResult, patch_cosine, sinkhorn
+from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
 from faceemd.emd.weights import WEIGHTINGS, compute_weights
 
 __all__ = [
@@ -36,6 +37,9 @@ __all__ = [
     "two_stage_rank",
 ]
 
+# Bytes of patch cosines and Sinkhorn kernels (float32) one stage-2 step may hold: about the L2
+# cache of a 2-core CPU, so the passes over them read cache rather than memory.
+_KERNEL_BUDGET = 4 << 20
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,9 +52,15 @@ class RerankConfig:
     blend: ``'linear'`` (Eq. 9) or ``'sum'`` (the public code's ``alpha < 0`` mode: EMD + cosine).
     weighting: one of :data:`faceemd.emd.weights.WEIGHTINGS`.
     solver: ``'sinkhorn'`` or ``'exact'`` (POT network simplex, slow, for checks).
-    eps, max_iter, tol, check_every, log_domain: Sinkhorn settings (see :func:`sinkhorn`).
-    cost_dtype: precision of the patch-cosine matrix product (``'float32'`` or ``'bfloat16'``).
-    query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats).
+    eps, max_iter, tol, check_every, log_domain, backend: Sinkhorn settings (see
+    :class:`faceemd.emd.sinkhorn.SinkhornSettings`).
+    cost_dtype: precision of the patch-cosine matrix product: ``'float32'``, ``'bfloat16'``
+    (fast only where the CPU or GPU has bf16 matrix units) or ``'int8'`` (codes of the
+    normalised gallery patches made once per gallery, integer dot products; see
+    :mod:`faceemd.emd.cost`).
+    query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats);
+    None picks it so that one step's cosines and kernels (``8 * top_k * R * R'`` bytes per
+    query) stay within ~4 MiB, the L2 caches of a small CPU.
     chunk_size: gallery items per stage-1 step.
     grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
     None keeps the backbone's native grid.
@@ -66,12 +76,19 @@ class RerankConfig:
     tol: float = 1e-4
     check_every: int = 10
     log_domain: bool = False
+    backend: str = "auto"
     cost_dtype: str = "float32"
-    query_batch: int = 2
+    query_batch: int | None = None
     chunk_size: int = 16384
     grid: tuple[int, int] | None = None
 
+    def sinkhorn_settings(self) -> SinkhornSettings:
+        return SinkhornSettings(
+            self.eps, self.max_iter, self.tol, self.check_every, self.log_domain, self.backend
+        )
+
     def __post_init__(self) -> None:
+        self.sinkhorn_settings()  # validates eps, max_iter, check_every, backend
         if self.grid is not None:
             self.grid = tuple(int(g) for g in self.grid)
             if len(self.grid) != 2 or min(self.grid) < 1:
@@ -89,9 +106,11 @@ class RerankConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose from {WEIGHTINGS}")
         if self.solver not in ("sinkhorn", "exact"):
             raise ValueError(f"solver must be 'sinkhorn' or 'exact', got {self.solver!r}")
-        if self.cost_dtype not in _DTYPES:
-            raise ValueError(f"cost_dtype must be one of {list(_DTYPES)}, got {self.cost_dtype!r}")
-        if self.query_batch < 1 or self.chunk_size < 1:
+        if self.cost_dtype not in (*_DTYPES, "int8"):
+            raise ValueError(
+                f"cost_dtype must be one of {[*_DTYPES, 'int8']}, got {self.cost_dtype!r}"
+            )
+        if (self.query_batch is not None and self.query_batch < 1) or self.chunk_size < 1:
             raise ValueError("query_batch and chunk_size must be >= 1")
 
 
@@ -108,6 +127,8 @@ class FeatureBank:
     cache stores them; with them (and ``verified``) stage 2 reads only the candidates' rows, so
     a memory-mapped gallery is never read in full.
     verified: the features are known to be finite (checked when they were cached).
+    quantized: optional int8 codes ``(N, R, C)`` and scales ``(N, R)`` of the normalised
+    patches (:func:`faceemd.emd.cost.quantize_patches`) for ``cost_dtype='int8'``.
     """
 
     embeddings: Tensor
@@ -116,6 +137,7 @@ class FeatureBank:
     lmk: Tensor | None = None
     summaries: tuple[Tensor, Tensor] | None = None
     verified: bool = False
+    quantized: tuple[Tensor, Tensor] | None = None
 
     def __post_init__(self) -> None:
         n = self.embeddings.shape[0]
@@ -242,13 +264,62 @@ def pairwise_emd(
     return_flow: bool = False,
     candidate_norms: Tensor | None = None,
     candidate_pooled: Tensor | None = None,
+    candidate_scales: Tensor | None = None,
 ) -> tuple[EMDResult, Tensor, Tensor]:
     """EMD between each query ``(B, R, C)`` and its candidates ``(B, K, R, C)``.
 
-    candidate_norms ``(B, K, R)`` and candidate_pooled ``(B, K, C)``: optional per-gallery
+    Arguments as in :func:`emd_problems`. Returns ``(result, u, v)``: the :class:`EMDResult`
+    over ``(B, K)`` and the weights used, ``u, v (B, K, R)``.
+    """
+    sim, u, v = emd_problems(
+        query_patches,
+        candidate_patches,
+        cfg,
+        query_embedding,
+        candidate_embedding,
+        query_lmk,
+        candidate_lmk,
+        candidate_norms,
+        candidate_pooled,
+        candidate_scales,
+    )
+    if cfg.solver == "exact":
+        return exact_emd(torch.rsub(sim, 1.0), u, v, return_flow=return_flow), u, v
+    b, k, r, r2 = sim.shape
+    flat = (sim.reshape(b * k, r, r2), u.reshape(b * k, r), v.reshape(b * k, r2))
+    out = solve(*flat, cfg.sinkhorn_settings(), return_flow, sim_bound=1.0)
+    result = EMDResult(
+        out.distance.view(b, k),
+        out.similarity.view(b, k),
+        None if out.flow is None else out.flow.view(b, k, r, r2),
+        out.iterations.view(b, k),
+        out.marginal_error.view(b, k),
+    )
+    return result, u, v
+
+
+def emd_problems(
+    query_patches: Tensor,
+    candidate_patches: Tensor,
+    cfg: RerankConfig,
+    query_embedding: Tensor | None = None,
+    candidate_embedding: Tensor | None = None,
+    query_lmk: Tensor | None = None,
+    candidate_lmk: Tensor | None = None,
+    candidate_norms: Tensor | None = None,
+    candidate_pooled: Tensor | None = None,
+    candidate_scales: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The EMD problems between each query ``(B, R, C)`` and its candidates ``(B, K, R', C)``:
+    patch cosines ``sim (B, K, R, R')`` in [-1, 1] (the cost is ``1 - sim``) and the weights
+    ``u (B, K, R)``, ``v (B, K, R')`` of ``cfg.weighting``.
+
+    candidate_norms ``(B, K, R')`` and candidate_pooled ``(B, K, C)``: optional per-gallery
     precomputations (patch L2 norms, patch means) that spare passes over the candidates.
-    Returns ``(result, u, v)``: the :class:`EMDResult` over ``(B, K)`` and the weights used,
-    ``u, v (B, K, R)``.
+    Candidates may be int8 codes (see :func:`faceemd.emd.cost.quantize_patches`) with their
+    ``candidate_scales (B, K, R')``; APC then needs the norms and pooled means, CC the norms
+    and candidate embeddings. Float candidates with ``cfg.cost_dtype='int8'`` are quantised
+    here.
     """
     if query_patches.dim() != 3 or candidate_patches.dim() != 4:
         raise ValueError(
@@ -263,7 +334,22 @@ def pairwise_emd(
             f"query patches {tuple(query_patches.shape)} and candidates "
             f"{tuple(candidate_patches.shape)} disagree on batch size or channels"
         )
-    sim = patch_cosine(query_patches, candidate_patches, _DTYPES[cfg.cost_dtype], candidate_norms)
+    codes = candidate_patches
+    if cfg.cost_dtype == "int8" and candidate_patches.dtype != torch.int8:
+        b, k, r2, c = candidate_patches.shape
+        if candidate_norms is None:
+            candidate_norms = torch.linalg.vector_norm(candidate_patches.float(), dim=-1)
+        codes, candidate_scales = quantize_patches(candidate_patches.reshape(b * k, r2, c))
+        codes, candidate_scales = codes.view(b, k, r2, c), candidate_scales.view(b, k, r2)
+    probe = _weight_probe(cfg.weighting, query_patches, query_embedding)
+    if probe is not None and candidate_norms is None:
+        probe = None  # without the norms the cosines cannot give <g_j, p>; weights read g
+    dtype = _DTYPES.get(cfg.cost_dtype)
+    sim = patch_cosine(query_patches, codes, dtype, candidate_norms, candidate_scales, probe)
+    candidate_probe = None
+    if probe is not None:
+        sim, probe_cos = sim
+        candidate_probe = probe_cos[:, :, 0] * candidate_norms.float()
     u, v = compute_weights(
         cfg.weighting,
         sim,
@@ -274,42 +360,58 @@ def pairwise_emd(
         query_lmk,
         candidate_lmk,
         candidate_pooled,
+        candidate_probe,
     )
-    cost = (1.0 - sim).clamp_(0.0, 2.0)
-    if cfg.solver == "exact":
-        result = exact_emd(cost, u, v, return_flow=return_flow)
-    else:
-        result = sinkhorn(
-            cost,
-            u,
-            v,
-            eps=cfg.eps,
-            max_iter=cfg.max_iter,
-            tol=cfg.tol,
-            check_every=cfg.check_every,
-            log_domain=cfg.log_domain,
-            return_flow=return_flow,
-        )
-    return result, u, v
+    return sim.clamp_(-1.0, 1.0), u, v
+
+
+def _weight_probe(weighting: str, query: Tensor, embedding: Tensor | None) -> Tensor | None:
+    """The query-side vector ``(B, 1, C)`` whose products with every candidate patch the APC or
+    CC weights need (mean patch, or embedding when its size is C); it rides along as one more
+    row of the patch-cosine product instead of a separate pass over the candidates."""
+    if weighting == "apc":
+        return query.float().mean(1, keepdim=True)
+    if weighting == "cc" and embedding is not None and embedding.shape[-1] == query.shape[-1]:
+        return embedding.float().unsqueeze(1)
+    return None
 
 
 def stage2_scores(
     query: FeatureBank, gallery: FeatureBank, candidates: Tensor, cfg: RerankConfig
 ) -> Tensor:
     """EMD similarity ``(Q, k)`` between each query and its candidates ``(Q, k)`` (gallery
-    rows). Queries go ``cfg.query_batch`` at a time; an out-of-memory error halves that batch
-    and retries. Independent of alpha and blend, so it can be computed once per sweep."""
-    norms, pooled = gallery.summaries or patch_summaries(gallery.patches, cfg.chunk_size)
-    out = []
-    batch = cfg.query_batch
+    rows). Independent of alpha and blend, so it can be computed once per sweep.
+
+    Queries go ``cfg.query_batch`` at a time (None: see :class:`RerankConfig`); an
+    out-of-memory error halves that batch and retries. The gallery's per-item summaries (and
+    int8 codes for ``cost_dtype='int8'``) are computed on first use and kept on ``gallery``.
+    """
+    if candidates.dim() != 2 or candidates.shape[0] != len(query):
+        raise ValueError(
+            f"candidates must be (Q, k) with Q = {len(query)} queries, got {tuple(candidates.shape)}"
+        )
+    if gallery.summaries is None:
+        gallery.summaries = patch_summaries(gallery.patches, cfg.chunk_size)
+    if cfg.cost_dtype == "int8" and gallery.quantized is None:
+        gallery.quantized = quantize_patches(gallery.patches)
+    norms, pooled = gallery.summaries
+    rows, scales = gallery.quantized if cfg.cost_dtype == "int8" else (gallery.patches, None)
+    q, k = candidates.shape
+    r, r2 = query.patches.shape[1], gallery.patches.shape[1]
+    batch = cfg.query_batch or max(1, _KERNEL_BUDGET // (8 * max(1, k) * r * r2))
+    out = torch.zeros(q, k, device=query.patches.device)
+    gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
     q0 = 0
-    while q0 < len(query):
-        q1 = min(q0 + batch, len(query))
+    while q0 < q and k:
+        q1 = min(q0 + batch, q)
         cand = candidates[q0:q1]
         try:
-            result, _, _ = pairwise_emd(
+            if gathered is None or gathered.shape[0] < cand.numel():
+                gathered = rows.new_empty((batch * k, *rows.shape[1:]))
+            part = torch.index_select(rows, 0, cand.reshape(-1), out=gathered[: cand.numel()])
+            sim, u, v = emd_problems(
                 query.patches[q0:q1],
-                gallery.patches[cand],
+                part.view(*cand.shape, *rows.shape[1:]),
                 cfg,
                 query.embeddings[q0:q1],
                 gallery.embeddings[cand],
@@ -317,22 +419,27 @@ def stage2_scores(
                 None if gallery.lmk is None else gallery.lmk[cand],
                 candidate_norms=norms[cand],
                 candidate_pooled=pooled[cand],
+                candidate_scales=None if scales is None else scales[cand],
             )
+            if cfg.solver == "exact":
+                result = exact_emd(torch.rsub(sim, 1.0), u, v)
+            else:
+                flat = (sim.reshape(-1, r, r2), u.reshape(-1, r), v.reshape(-1, r2))
+                result = solve(*flat, cfg.sinkhorn_settings(), sim_bound=1.0)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
             batch = max(1, batch // 2)
+            gathered = None
             warnings.warn(
                 f"out of memory in stage 2: retrying with query_batch={batch}",
                 RuntimeWarning,
                 stacklevel=2,
             )
             continue
-        out.append(result.similarity.float())
+        out[q0:q1] = result.similarity.view(q1 - q0, k)
         q0 = q1
-    if not out:
-        return torch.zeros(candidates.shape, dtype=torch.float32)
-    return torch.cat(out)
+    return out
 
 
 def blend_stage2(

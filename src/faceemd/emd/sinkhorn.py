@@ -9,13 +9,19 @@ vectors are normalised). This module solves many such problems at once:
     flow   T = argmin <T, C> - eps * H(T)  s.t. T 1 = u, T^T 1 = v
     EMD    <T, C>;  similarity <T, cos> = 1 - EMD                (B, K)
 
-Two update rules are offered: the multiplicative one (matrix-vector products with the kernel
-exp(-C / eps), fast; used while the kernel's dynamic range exp((max C - min C) / eps) stays
-within float32, i.e. (max C - min C) / eps <= 80) and the log-domain one (log-sum-exp, stable
-for any eps; chosen automatically for a batch whose range is too wide). Both run in
-float32 whatever the input dtype. Convergence is measured on the row marginals per problem,
-every ``check_every`` iterations only, so the host synchronises once per check rather than once
-per iteration; problems that have converged are frozen.
+Two update rules are offered: the multiplicative one (scalings ``a, b`` of the kernel
+exp(-C / eps); used while the kernel's dynamic range exp((max C - min C) / eps) stays within
+float32, i.e. (max C - min C) / eps <= 80) and the log-domain one (log-sum-exp, stable for any
+eps; chosen automatically when some problem's range is too wide). Both run in float32 whatever
+the input dtype. The multiplicative rule has two backends with the same stopping rule:
+
+- ``torch`` (any device): all problems advance together through batched row-vector x matrix
+  products; every ``check_every`` iterations the marginal error is read per problem (one host
+  sync) and converged problems leave the working set.
+- ``numba`` (CPU tensors; :mod:`faceemd.emd.sinkhorn_cpu`): each problem runs to its own
+  convergence with its kernel in the L1 cache, several times faster on a CPU.
+
+``backend='auto'`` picks numba for CPU tensors and torch elsewhere.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EMDResult", "patch_cosine", "sinkhorn"]
+__all__ = ["EMDResult", "SinkhornSettings", "sinkhorn", "solve"]
 
 # exp(-80) ~ 1.8e-35 is still a normal float32; beyond it the multiplicative kernel underflows.
 _MAX_KERNEL_EXPONENT = 80.0
+_BACKENDS = ("auto", "torch", "numba")
 
 
 @dataclass
@@ -39,7 +46,7 @@ class EMDResult:
     similarity: ``<T, cos>`` per problem, ``batch`` (= 1 - distance when sum(T) = 1).
     flow: the transport plan ``batch + (R, R)``, or None unless requested.
     iterations: Sinkhorn iterations each problem ran (0 for the exact solver), ``batch``.
-    marginal_error: L1 error of the row marginals at exit, ``batch``.
+    marginal_error: L1 error of the marginals at exit (one side is exact), ``batch``.
     """
 
     distance: Tensor
@@ -49,36 +56,27 @@ class EMDResult:
     marginal_error: Tensor
 
 
-def patch_cosine(
-    query: Tensor,
-    candidates: Tensor,
-    dtype: torch.dtype | None = None,
-    candidate_norms: Tensor | None = None,
-) -> Tensor:
-    """Cosine similarity between every query patch and every candidate patch (Eq. 5).
+@dataclass
+class SinkhornSettings:
+    """eps: entropic regularisation in cost units. max_iter: iteration cap per problem.
+    tol: L1 marginal error at which a problem counts as converged. check_every: iterations
+    between convergence checks of the torch backend (one host sync each). log_domain: force
+    the log-domain updates. backend: ``'auto'``, ``'torch'`` or ``'numba'`` (CPU only)."""
 
-    query: ``(B, R, C)``; candidates: ``(B, K, R', C)``. Returns ``(B, K, R, R')`` in float32.
-    ``dtype`` (e.g. ``torch.bfloat16``) is the precision of the matrix product only; the
-    normalisation is done in float32 and the result is returned in float32.
-    candidate_norms: optional precomputed L2 norms ``(B, K, R')`` of the candidate patches; with
-    them the candidates are used as they are and the product is divided afterwards, which saves
-    a normalisation pass over ``(B, K, R', C)`` (the costliest memory pass of stage 2).
-    """
-    q = torch.nn.functional.normalize(query.float(), dim=-1)
-    g = (
-        candidates
-        if candidate_norms is not None
-        else torch.nn.functional.normalize(candidates.float(), dim=-1)
-    )
-    dtype = dtype or torch.float32
-    q, g = q.to(dtype), g.to(dtype)
-    b, k, r2, c = g.shape
-    # One (R, C) x (C, K*R') product per query: (B, R, K*R') -> (B, K, R, R').
-    flat = torch.bmm(q, g.reshape(b, k * r2, c).transpose(1, 2))
-    sim = flat.view(b, q.shape[1], k, r2).transpose(1, 2).float()
-    if candidate_norms is not None:
-        sim = sim / candidate_norms.float().clamp_min(1e-12).unsqueeze(-2)
-    return sim
+    eps: float = 0.05
+    max_iter: int = 200
+    tol: float = 1e-4
+    check_every: int = 10
+    log_domain: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if self.max_iter < 1 or self.check_every < 1:
+            raise ValueError("max_iter and check_every must be >= 1")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
 
 
 def sinkhorn(
@@ -91,81 +89,138 @@ def sinkhorn(
     check_every: int = 10,
     log_domain: bool = False,
     return_flow: bool = False,
+    backend: str = "auto",
 ) -> EMDResult:
     """Entropic OT between weight vectors ``u`` and ``v`` under ``cost``.
 
     cost: ``(..., R, R')`` ground cost (cosine distance for EMD, values in [0, 2]).
     u: ``(..., R)`` and v: ``(..., R')`` non-negative weights summing to 1 per problem
-    (see :mod:`faceemd.emd.weights`); zero entries are allowed.
-    eps: entropic regularisation in cost units. tol: L1 row-marginal error at which a problem
-    counts as converged. check_every: iterations between convergence checks (one host sync
-    each). log_domain: force the log-domain updates (otherwise used only where the kernel would
-    underflow). Returns an :class:`EMDResult`; ``similarity`` is ``<T, 1 - cost>``.
+    (see :mod:`faceemd.emd.weights`); zero entries are allowed. Settings as in
+    :class:`SinkhornSettings`. Returns an :class:`EMDResult`; ``similarity`` is
+    ``<T, 1 - cost>``.
     """
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if max_iter < 1 or check_every < 1:
-        raise ValueError("max_iter and check_every must be >= 1")
-    cost = cost.float()
-    u = u.float()
-    v = v.float()
+    settings = SinkhornSettings(eps, max_iter, tol, check_every, log_domain, backend)
     batch = cost.shape[:-2]
+    r1, r2 = cost.shape[-2:]
     if u.shape != cost.shape[:-1] or v.shape != batch + cost.shape[-1:]:
         raise ValueError(
             f"weights do not match the cost: cost {tuple(cost.shape)}, u {tuple(u.shape)}, "
             f"v {tuple(v.shape)}; expected u (..., R) and v (..., R') with cost (..., R, R')"
         )
-    spread = cost.amax(dim=(-1, -2)) - cost.amin(dim=(-1, -2))
-    if log_domain or bool((spread > _MAX_KERNEL_EXPONENT * eps).any()):
-        flow, iters, err = _sinkhorn_log(cost, u, v, eps, max_iter, tol, check_every)
+    sim = torch.rsub(cost.float().reshape(-1, r1, r2), 1.0)
+    out = solve(sim, u.reshape(-1, r1), v.reshape(-1, r2), settings, return_flow)
+    return EMDResult(
+        out.distance.reshape(batch),
+        out.similarity.reshape(batch),
+        None if out.flow is None else out.flow.reshape(cost.shape),
+        out.iterations.reshape(batch),
+        out.marginal_error.reshape(batch),
+    )
+
+
+def solve(
+    sim: Tensor,
+    u: Tensor,
+    v: Tensor,
+    settings: SinkhornSettings,
+    return_flow: bool = False,
+    sim_bound: float | None = None,
+) -> EMDResult:
+    """Solve ``N`` problems with cost ``1 - sim``: sim ``(N, R, R')`` float32, u ``(N, R)``,
+    v ``(N, R')``. ``sim_bound``: a known bound on ``|sim|`` (1 for clamped cosines), which
+    spares a pass to find the kernel's range. Returns an :class:`EMDResult` over ``(N,)``."""
+    u, v = u.float(), v.float()
+    kernel = _kernel(sim, settings, sim_bound)
+    if kernel is None:
+        cost = torch.rsub(sim, 1.0)
+        flow, iters, err = _sinkhorn_log(
+            cost, u, v, settings.eps, settings.max_iter, settings.tol, settings.check_every
+        )
+        similarity = (flow * sim).sum((-1, -2))
+        distance = (flow * cost).sum((-1, -2))
+        return EMDResult(distance, similarity, flow if return_flow else None, iters, err)
+    backend = settings.backend
+    if backend == "auto":
+        backend = "numba" if sim.device.type == "cpu" else "torch"
+    if backend == "numba":
+        if sim.device.type != "cpu":
+            raise ValueError("the numba Sinkhorn backend runs on CPU tensors; use 'torch'")
+        from faceemd.emd.sinkhorn_cpu import sinkhorn_cpu
+
+        a, b, similarity, total, err, iters = sinkhorn_cpu(
+            kernel, sim, u, v, settings.tol, settings.max_iter
+        )
     else:
-        flow, iters, err = _sinkhorn_mult(cost, u, v, eps, max_iter, tol, check_every)
-    distance = (flow * cost).sum((-1, -2))
-    similarity = (flow * (1.0 - cost)).sum((-1, -2))
-    return EMDResult(distance, similarity, flow if return_flow else None, iters, err)
+        a, b, iters, err, row = _sinkhorn_mult(
+            kernel, u, v, settings.max_iter, settings.tol, settings.check_every
+        )
+        # <T, sim> = a^T (K o sim) b without forming T.
+        similarity = (torch.bmm(a.unsqueeze(1), kernel * sim).squeeze(1) * b).sum(-1)
+        total = row.sum(-1)
+    flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
+    return EMDResult(total - similarity, similarity, flow, iters, err)
 
 
-def _sinkhorn_mult(cost, u, v, eps, max_iter, tol, check_every):
-    """Multiplicative Sinkhorn; returns (flow, iterations, marginal error).
+def _kernel(sim: Tensor, settings: SinkhornSettings, bound: float | None) -> Tensor | None:
+    """``exp((sim - shift) / eps)`` for ``(N, R, R')``, or None when the log domain is forced
+    or some problem's range exceeds what the multiplicative kernel can hold."""
+    if settings.log_domain:
+        return None
+    limit = _MAX_KERNEL_EXPONENT * settings.eps
+    if sim.numel() == 0 or (bound is not None and bound <= limit):
+        # |sim| <= bound: exp(sim / eps) lies in [exp(-80), exp(80)], all normal float32.
+        return torch.mul(sim, 1.0 / settings.eps).exp_()
+    lo, hi = torch.aminmax(sim)
+    if float(hi - lo) > limit:
+        spread = sim.amax(dim=(-1, -2)) - sim.amin(dim=(-1, -2))
+        if bool((spread > limit).any()):
+            return None
+        hi = sim.amax(dim=(-1, -2), keepdim=True)
+    # The plan is invariant to a constant added to a problem's cost: the shift makes the largest
+    # kernel entry 1 and the smallest >= exp(-80), a normal float32.
+    return torch.sub(sim, hi).mul_(1.0 / settings.eps).exp_()
 
-    Problems are flattened to ``(N, R, R')``. Matrix-vector products are written as row
-    vector times matrix (``bmm((N, 1, R'), (N, R', R))``), which runs 2-4x faster on CPU than
-    matrix times column. At every check the problems that converged are dropped from the
-    working set, so the remaining iterations only touch the unconverged ones.
+
+def _sinkhorn_mult(kernel, u, v, max_iter, tol, check_every):
+    """Batched multiplicative Sinkhorn on ``kernel (N, R, R')``; returns the scalings
+    ``a (N, R)``, ``b (N, R')``, iterations ``(N,)``, L1 row-marginal error ``(N,)`` and the
+    plan's row sums ``(N, R)``.
+
+    Products are row vector times matrix (``bmm((N, 1, R'), (N, R', R))``), 2-4x faster on CPU
+    than matrix times column, so the transposed kernel is kept too. The row error of the
+    current ``(a, b)`` falls out of the next a-update (``a * (K b) - u`` with ``K b`` computed
+    for it anyway), so a check costs no extra product.
     """
-    batch, (r1, r2) = cost.shape[:-2], cost.shape[-2:]
-    c = cost.reshape(-1, r1, r2)
-    u_all, v_all = u.reshape(-1, r1), v.reshape(-1, r2)
-    # Shift by the per-problem minimum: the plan is invariant to a constant added to the cost,
-    # and the largest kernel entry becomes exactly 1.
-    kernel = torch.exp((c - c.amin(dim=(-1, -2), keepdim=True)) / -eps)  # (N, R, R')
     kernel_t = kernel.transpose(1, 2).contiguous()  # (N, R', R)
     tiny = torch.finfo(torch.float32).tiny
-    n = c.shape[0]
-    a_all, b_all = torch.ones_like(u_all), torch.ones_like(v_all)
-    iters = torch.zeros(n, dtype=torch.int32, device=c.device)
-    active = torch.arange(n, device=c.device)
-    k_act, kt_act, u_act, v_act, b = kernel, kernel_t, u_all, v_all, b_all
+    n = kernel.shape[0]
+    a_all, b_all = torch.ones_like(u), torch.ones_like(v)
+    iters = torch.zeros(n, dtype=torch.int32, device=kernel.device)
+    active = torch.arange(n, device=kernel.device)
+    k_act, kt_act, u_act, v_act, b = kernel, kernel_t, u, v, b_all
+    a = None
     done = 0
-    while done < max_iter:
-        steps = min(check_every, max_iter - done)
-        for _ in range(steps):
-            a = u_act / torch.bmm(b.unsqueeze(1), kt_act).squeeze(1).clamp_min(tiny)
-            b = v_act / torch.bmm(a.unsqueeze(1), k_act).squeeze(1).clamp_min(tiny)
-        done += steps
-        iters[active] += steps
-        a_all[active], b_all[active] = a, b
-        # After the b-update the columns match v exactly; rows are off by a * (K b) - u.
-        row = a * torch.bmm(b.unsqueeze(1), kt_act).squeeze(1)
-        keep = (row - u_act).abs().sum(-1) > tol
-        if not bool(keep.any()):
-            break
-        if not bool(keep.all()):
-            active, k_act, kt_act = active[keep], k_act[keep], kt_act[keep]
-            u_act, v_act, b = u_act[keep], v_act[keep], b[keep]
-    flow = a_all.unsqueeze(-1) * kernel * b_all.unsqueeze(-2)
-    err = (flow.sum(-1) - u_all).abs().sum(-1)
-    return flow.reshape(cost.shape), iters.reshape(batch), err.reshape(batch)
+    while n:
+        kb = torch.bmm(b.unsqueeze(1), kt_act).squeeze(1)
+        if a is not None and (done % check_every == 0 or done == max_iter):
+            keep = (a * kb).sub_(u_act).abs_().sum(-1) > tol
+            if done == max_iter:
+                keep[:] = False
+            if not bool(keep.all()):
+                finished = active[~keep]
+                a_all[finished], b_all[finished] = a[~keep], b[~keep]
+                iters[finished] = done
+                if not bool(keep.any()):
+                    break
+                active, k_act, kt_act = active[keep], k_act[keep], kt_act[keep]
+                u_act, v_act, a, b = u_act[keep], v_act[keep], a[keep], b[keep]
+                kb = kb[keep]
+        a = u_act / kb.clamp_min_(tiny)
+        b = v_act / torch.bmm(a.unsqueeze(1), k_act).squeeze(1).clamp_min_(tiny)
+        done += 1
+    # Row sums of the plan a * (K b) at exit: the marginal error and the total mass.
+    row = a_all * torch.bmm(b_all.unsqueeze(1), kernel_t).squeeze(1)
+    return a_all, b_all, iters, (row - u).abs().sum(-1), row
 
 
 def _sinkhorn_log(cost, u, v, eps, max_iter, tol, check_every):

@@ -6,7 +6,7 @@ A weight vector that is all zero (e.g. APC when every correlation is negative) f
 uniform, with one warning, so the transport problem stays well posed.
 
 Shapes: query grid ``q (B, R, C)``, candidate grids ``g (B, K, R, C)``, patch cosine matrix
-``sim (B, K, R, R)`` (from :func:`faceemd.emd.sinkhorn.patch_cosine`).
+``sim (B, K, R, R)`` (from :func:`faceemd.emd.cost.patch_cosine`).
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def compute_weights(
     query_lmk: Tensor | None = None,
     candidate_lmk: Tensor | None = None,
     candidate_pooled: Tensor | None = None,
+    candidate_probe: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Patch weights ``(u (B, K, R), v (B, K, R))`` for one weighting ``method``.
 
@@ -124,6 +125,9 @@ def compute_weights(
       ``candidate_lmk (B, K, R)`` (see :func:`landmark_density`).
 
     candidate_pooled: optional precomputed ``mean_j g_j`` ``(B, K, C)`` for APC.
+    candidate_probe: optional ``(B, K, R')`` candidate-side products of APC/CC, ``<g_j, p>`` up to
+    a positive factor per problem, with ``p`` the query's mean patch (APC) or embedding (CC);
+    with it and ``candidate_pooled`` the candidates are not read (they may be int8 codes).
     """
     b, k, r, _ = sim.shape
     if method == "uniform":
@@ -131,10 +135,14 @@ def compute_weights(
         v = sim.new_full((b, k, sim.shape[-1]), 1.0 / sim.shape[-1])
         return u, v
     if method == "apc":
-        q, g = query.float(), candidates.float()
-        pooled = g.mean(2) if candidate_pooled is None else candidate_pooled.float()
-        u = torch.einsum("brc,bkc->bkr", q, pooled)
-        v = torch.einsum("bkrc,bc->bkr", g, q.mean(1))
+        q = query.float()
+        pooled = candidates.float().mean(2) if candidate_pooled is None else candidate_pooled
+        u = torch.einsum("brc,bkc->bkr", q, pooled.float())
+        v = (
+            torch.einsum("bkrc,bc->bkr", candidates.float(), q.mean(1))
+            if candidate_probe is None
+            else candidate_probe
+        )
     elif method == "cc":
         if query_embedding is None or candidate_embedding is None:
             raise ValueError("weighting 'cc' needs the query and candidate embeddings")
@@ -143,9 +151,12 @@ def compute_weights(
                 f"weighting 'cc' correlates patches (C={query.shape[-1]}) with embeddings "
                 f"(D={query_embedding.shape[-1]}); it needs D = C: choose 'apc' for this backbone"
             )
-        q, g = query.float(), candidates.float()
-        u = torch.einsum("brc,bkc->bkr", q, candidate_embedding.float())
-        v = torch.einsum("bkrc,bc->bkr", g, query_embedding.float())
+        u = torch.einsum("brc,bkc->bkr", query.float(), candidate_embedding.float())
+        v = (
+            torch.einsum("bkrc,bc->bkr", candidates.float(), query_embedding.float())
+            if candidate_probe is None
+            else candidate_probe
+        )
     elif method == "sc":
         u, v = sim.sum(-1), sim.sum(-2)
     elif method == "sc_official":
