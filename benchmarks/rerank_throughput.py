@@ -96,14 +96,23 @@ def baseline_per_query(queries, cands, eps, max_iter, thresh):
     return torch.stack(out)
 
 
-def matmul_gflops(seconds: float = 1.0) -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(device: str, seconds: float = 1.0) -> float:
+    """fp32 matmul rate (TF32 stays off on GPUs: PyTorch's default for matmul)."""
+    n = 2048 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    n, t0 = 0, time.perf_counter()
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
-        n += 1
-    return 2 * 2048**3 * n / (time.perf_counter() - t0) / 1e9
+        _sync(device)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
@@ -118,6 +127,7 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--check-every", type=int, default=RerankConfig.check_every)
     parser.add_argument("--accuracy-queries", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--cost-dtype", default="int8", choices=["float32", "bfloat16", "float16", "int8"]
     )
@@ -128,14 +138,22 @@ def main() -> None:
         help="storage of the gallery patch grids (the feature cache can keep float16)",
     )
     args = parser.parse_args()
+    if args.queries > args.gallery:
+        parser.error("--queries must not exceed --gallery (queries are noisy gallery items)")
     torch.set_num_threads(args.threads)
-    gflops = matmul_gflops()
-    print(f"fp32 matmul: {gflops:.0f} GFLOP/s ({args.threads} threads); cost {args.cost_dtype}")
+    dev = args.device
+    gflops = matmul_gflops(dev)
+    print(
+        f"fp32 matmul: {gflops:.0f} GFLOP/s on {dev} ({args.threads} CPU threads); cost {args.cost_dtype}"
+    )
     k = args.top_k
     for grid in args.grids:
         query, gallery = make_features(args.queries, args.gallery, grid, args.channels)
         stored = getattr(torch, args.gallery_dtype)
-        gallery = FeatureBank(gallery.embeddings, gallery.patches.to(stored), gallery.labels)
+        query = FeatureBank(*(t.to(dev) for t in (query.embeddings, query.patches, query.labels)))
+        gallery = FeatureBank(
+            gallery.embeddings.to(dev), gallery.patches.to(dev, stored), gallery.labels.to(dev)
+        )
         r = grid * grid
         s1, i1 = stage1_topk(query.embeddings, gallery.embeddings, k)
         cfg = RerankConfig(
@@ -159,8 +177,10 @@ def main() -> None:
         for n in (args.queries // 2, args.queries):
             sub = FeatureBank(query.embeddings[:n], query.patches[:n], query.labels[:n])
             before, anon = AnonPeak.now(), AnonPeak()
+            _sync(dev)
             t0 = time.perf_counter()
             stage2_rerank(sub, gallery, s1[:n], i1[:n], cfg)
+            _sync(dev)
             seconds = time.perf_counter() - t0
             extra_mb.append(anon.stop() - before)
         ours = args.queries / seconds
@@ -169,6 +189,7 @@ def main() -> None:
         cands = gallery.patches[i1[:nb]].float()
         t0 = time.perf_counter()
         baseline_per_query(query.patches[:nb], cands, cfg.eps, 100, 1e-3)
+        _sync(dev)
         base = nb / (time.perf_counter() - t0)
         ceiling = gflops * 1e9 / (2 * k * r * r * args.channels)
 
@@ -185,10 +206,11 @@ def main() -> None:
         ne = 4
         cand_e = gallery.patches[i1[:ne]].float()
         exact_cfg = RerankConfig(**{**cfg.__dict__, "solver": "exact"})
-        ex_s = pairwise_emd(query.patches[:ne], cand_e, exact_cfg)[0].similarity
+        ex_s = pairwise_emd(query.patches[:ne], cand_e, exact_cfg)[0].similarity.cpu()
+        ours_s = ours_s.cpu()
         rho = np.mean([spearmanr(ours_s[i].numpy(), ex_s[i].numpy())[0] for i in range(ne)])
         fp32_cfg = RerankConfig(**{**cfg.__dict__, "cost_dtype": "float32", "check_every": 1})
-        its = pairwise_emd(query.patches[:ne], cand_e, fp32_cfg)[0].iterations.float()
+        its = pairwise_emd(query.patches[:ne], cand_e, fp32_cfg)[0].iterations.float().cpu()
         print(
             f"grid {grid}x{grid} k={k} ({args.queries} queries): ours {ours:.1f} q/s | "
             f"baseline {base:.1f} q/s | "

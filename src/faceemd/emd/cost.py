@@ -111,15 +111,14 @@ def _int8_products(rows: Tensor, codes: Tensor) -> Tensor:
     codes and the integer products scaled by the rows' scales, ``(B, M, K*R')`` float32."""
     b, k, r2, c = codes.shape
     row_codes, row_scales = quantize_patches(rows)
-    out = torch.empty(b, rows.shape[1], k * r2, device=codes.device)
+    if codes.device.type != "cpu":
+        # Off the CPU the products of int8 codes are summed exactly in float32 (|sum| <=
+        # C * 127^2 < 2^24 for C <= 1040), all queries in one batched product.
+        cols = codes.reshape(b, k * r2, c).float().transpose(1, 2)
+        return torch.bmm(row_codes.float(), cols).mul_(row_scales.unsqueeze(-1))
+    out = torch.empty(b, rows.shape[1], k * r2)
     for i in range(b):
-        cols = codes[i].reshape(k * r2, c)
-        if codes.device.type == "cpu":
-            # int32 accumulation on the integer units; operands (M, C) and (C, N).
-            prod = torch._int_mm(row_codes[i], cols.T)
-        else:
-            # Elsewhere the products of int8 codes are summed exactly in float32 (|sum| <=
-            # C * 127^2 < 2^24 for C <= 1040).
-            prod = row_codes[i].float() @ cols.float().T
+        # int32 accumulation on the integer units; operands (M, C) and (C, N).
+        prod = torch._int_mm(row_codes[i], codes[i].reshape(k * r2, c).T)
         torch.mul(prod, row_scales[i].unsqueeze(1), out=out[i])
     return out

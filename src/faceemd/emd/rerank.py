@@ -40,6 +40,8 @@ __all__ = [
 # Bytes of patch cosines and Sinkhorn kernels (float32) one stage-2 step may hold: about the L2
 # cache of a 2-core CPU, so the passes over them read cache rather than memory.
 _KERNEL_BUDGET = 4 << 20
+# On a GPU a step should instead fill the device: hundreds of queries' problems per launch.
+_GPU_KERNEL_BUDGET = 1 << 30
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -60,7 +62,8 @@ class RerankConfig:
     :mod:`faceemd.emd.cost`).
     query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats);
     None picks it so that one step's cosines and kernels (``8 * top_k * R * R'`` bytes per
-    query) stay within ~4 MiB, the L2 caches of a small CPU.
+    query) stay within ~4 MiB on a CPU (its L2 caches) and ~1 GiB on a GPU (enough problems per
+    launch to fill it).
     chunk_size: gallery items per stage-1 step.
     grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
     None keeps the backbone's native grid.
@@ -398,7 +401,8 @@ def stage2_scores(
     rows, scales = gallery.quantized if cfg.cost_dtype == "int8" else (gallery.patches, None)
     q, k = candidates.shape
     r, r2 = query.patches.shape[1], gallery.patches.shape[1]
-    batch = cfg.query_batch or max(1, _KERNEL_BUDGET // (8 * max(1, k) * r * r2))
+    budget = _KERNEL_BUDGET if query.patches.device.type == "cpu" else _GPU_KERNEL_BUDGET
+    batch = cfg.query_batch or max(1, budget // (8 * max(1, k) * r * r2))
     out = torch.zeros(q, k, device=query.patches.device)
     gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
     q0 = 0
