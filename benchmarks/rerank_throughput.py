@@ -115,9 +115,13 @@ def matmul_gflops(device: str, seconds: float = 1.0) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
+def best_matmul_gflops(device: str, repeats: int) -> float:
+    return max(matmul_gflops(device) for _ in range(repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--queries", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=256)
     parser.add_argument("--gallery", type=int, default=2000)
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--channels", type=int, default=512)
@@ -126,8 +130,9 @@ def main() -> None:
     parser.add_argument("--query-batch", type=int, default=None, help="default: automatic")
     parser.add_argument("--tol", type=float, default=1e-3)
     parser.add_argument("--check-every", type=int, default=RerankConfig.check_every)
-    parser.add_argument("--accuracy-queries", type=int, default=128)
+    parser.add_argument("--accuracy-queries", type=int, default=256)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=3, help="timings: best of this many")
     parser.add_argument(
         "--cost-dtype", default="int8", choices=["float32", "bfloat16", "float16", "int8"]
     )
@@ -142,7 +147,7 @@ def main() -> None:
         parser.error("--queries must not exceed --gallery (queries are noisy gallery items)")
     torch.set_num_threads(args.threads)
     dev = args.device
-    gflops = matmul_gflops(dev)
+    gflops = best_matmul_gflops(dev, args.repeats)
     print(
         f"fp32 matmul: {gflops:.0f} GFLOP/s on {dev} ({args.threads} CPU threads); cost {args.cost_dtype}"
     )
@@ -177,20 +182,24 @@ def main() -> None:
         for n in (args.queries // 2, args.queries):
             sub = FeatureBank(query.embeddings[:n], query.patches[:n], query.labels[:n])
             before, anon = AnonPeak.now(), AnonPeak()
-            _sync(dev)
-            t0 = time.perf_counter()
             stage2_rerank(sub, gallery, s1[:n], i1[:n], cfg)
-            _sync(dev)
-            seconds = time.perf_counter() - t0
             extra_mb.append(anon.stop() - before)
-        ours = args.queries / seconds
 
+        # Engine and baseline alternate, best of --repeats each: on a shared machine other
+        # tenants slow single runs down by up to 4x, and they hit both sides alike this way.
         nb = min(args.queries, 16)
         cands = gallery.patches[i1[:nb]].float()
-        t0 = time.perf_counter()
-        baseline_per_query(query.patches[:nb], cands, cfg.eps, 100, 1e-3)
-        _sync(dev)
-        base = nb / (time.perf_counter() - t0)
+        ours = base = 0.0
+        for _ in range(args.repeats):
+            _sync(dev)
+            t0 = time.perf_counter()
+            stage2_rerank(query, gallery, s1, i1, cfg)
+            _sync(dev)
+            ours = max(ours, args.queries / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            baseline_per_query(query.patches[:nb], cands, cfg.eps, 100, 1e-3)
+            _sync(dev)
+            base = max(base, nb / (time.perf_counter() - t0))
         ceiling = gflops * 1e9 / (2 * k * r * r * args.channels)
 
         # Accuracy: engine scores vs converged fp32 Sinkhorn (same eps) and vs exact LP.

@@ -94,3 +94,18 @@ def test_bad_input_messages():
         two_stage_rank(q, other, RerankConfig(top_k=2))
     with pytest.raises(ValueError, match="equal D"):
         stage1_topk(torch.zeros(2, 3), torch.zeros(4, 5), 1)
+
+
+def test_row_gather_matches_indexing_for_any_row_size():
+    from faceemd.emd.rerank import _take_rows
+
+    for shape, dtype in [
+        ((9, 4, 8), torch.int8),
+        ((9, 3, 5), torch.float32),
+        ((9, 2, 2), torch.float16),
+    ]:
+        rows = (torch.rand(shape) * 100).to(dtype)
+        index = torch.tensor([3, 0, 7, 3])
+        out = torch.empty((4, *shape[1:]), dtype=dtype)
+        assert torch.equal(_take_rows(rows, index, out), rows[index])
+        assert torch.equal(_take_rows(rows[1:], index, out), rows[1:][index])  # offset storage

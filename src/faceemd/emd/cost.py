@@ -73,8 +73,9 @@ def patch_cosine(
     if candidates.dtype == torch.int8:
         if candidate_scales is None:
             raise ValueError("int8 candidates need their candidate_scales (see quantize_patches)")
-        flat = _int8_products(rows, candidates)  # (B, M, K*R'), row scales applied
-        col_scale = candidate_scales.reshape(b, 1, k, r2).transpose(1, 2)
+        row_codes, row_scale = quantize_patches(rows)
+        flat = _int8_products(row_codes, candidates)  # (B, M, K*R') integer-valued
+        col_scale = candidate_scales.float()
     else:
         q = torch.nn.functional.normalize(rows.float(), dim=-1)
         g = (
@@ -85,40 +86,43 @@ def patch_cosine(
         dtype = dtype or torch.float32
         q, g = q.to(dtype), g.to(dtype)
         # One (M, C) x (C, K*R') product per query: (B, M, K*R').
-        flat = torch.bmm(q, g.reshape(b, k * r2, c).transpose(1, 2)).float()
+        flat = torch.bmm(q, g.reshape(b, k * r2, c).transpose(1, 2))
+        row_scale = None
         col_scale = None
         if candidate_norms is not None:
             col_scale = candidate_norms.float().clamp_min(1e-12).reciprocal()
-            col_scale = col_scale.reshape(b, 1, k, r2).transpose(1, 2)
-    # (B, M, K, R') -> contiguous (B, K, R, R') (+ probes), column scales applied on the way.
+    # (B, M, K, R') -> contiguous float32 (B, K, R, R') (+ probes), scales applied in place.
     per_query = flat.view(b, m, k, r2).transpose(1, 2)
-    sim = _scaled_copy(per_query[:, :, :r], col_scale)
+    sim = _rescaled(per_query[:, :, :r], row_scale, col_scale, 0)
     if probes is None:
         return sim
-    return sim, _scaled_copy(per_query[:, :, r:], col_scale)
+    return sim, _rescaled(per_query[:, :, r:], row_scale, col_scale, r)
 
 
-def _scaled_copy(x: Tensor, scale: Tensor | None) -> Tensor:
-    """Contiguous copy of ``x (B, K, M, R')``, times ``scale (B, K, 1, R')`` when given."""
-    if scale is None:
-        return x.contiguous()
+def _rescaled(x: Tensor, row: Tensor | None, col: Tensor | None, first_row: int) -> Tensor:
+    """Contiguous float32 copy of ``x (B, K, M', R')`` times ``row[:, first_row:][.., None]``
+    ``(B, M)`` and ``col (B, K, R')`` where given (copy, then in-place products: converting
+    and multiplying in one op is several times slower on CPU)."""
     out = torch.empty(x.shape, device=x.device)
-    return torch.mul(x, scale, out=out)
+    out.copy_(x)
+    if row is not None:
+        out.mul_(row[:, None, first_row : first_row + x.shape[2], None])
+    if col is not None:
+        out.mul_(col.unsqueeze(2))
+    return out
 
 
-def _int8_products(rows: Tensor, codes: Tensor) -> Tensor:
-    """``(B, M, C)`` float rows x int8 codes ``(B, K, R', C)``: the rows are quantised like the
-    codes and the integer products scaled by the rows' scales, ``(B, M, K*R')`` float32."""
+def _int8_products(row_codes: Tensor, codes: Tensor) -> Tensor:
+    """Integer products of int8 row codes ``(B, M, C)`` with codes ``(B, K, R', C)``:
+    ``(B, M, K*R')``, int32 on the CPU (VNNI), exact float32 elsewhere."""
     b, k, r2, c = codes.shape
-    row_codes, row_scales = quantize_patches(rows)
     if codes.device.type != "cpu":
-        # Off the CPU the products of int8 codes are summed exactly in float32 (|sum| <=
-        # C * 127^2 < 2^24 for C <= 1040), all queries in one batched product.
+        # Products of int8 codes are summed exactly in float32 (|sum| <= C * 127^2 < 2^24 for
+        # C <= 1040), all queries in one batched product.
         cols = codes.reshape(b, k * r2, c).float().transpose(1, 2)
-        return torch.bmm(row_codes.float(), cols).mul_(row_scales.unsqueeze(-1))
-    out = torch.empty(b, rows.shape[1], k * r2)
+        return torch.bmm(row_codes.float(), cols)
+    out = torch.empty(b, row_codes.shape[1], k * r2, dtype=torch.int32)
     for i in range(b):
         # int32 accumulation on the integer units; operands (M, C) and (C, N).
-        prod = torch._int_mm(row_codes[i], codes[i].reshape(k * r2, c).T)
-        torch.mul(prod, row_scales[i].unsqueeze(1), out=out[i])
+        torch._int_mm(row_codes[i], codes[i].reshape(k * r2, c).T, out=out[i])
     return out

@@ -412,7 +412,7 @@ def stage2_scores(
         try:
             if gathered is None or gathered.shape[0] < cand.numel():
                 gathered = rows.new_empty((batch * k, *rows.shape[1:]))
-            part = torch.index_select(rows, 0, cand.reshape(-1), out=gathered[: cand.numel()])
+            part = _take_rows(rows, cand.reshape(-1), gathered[: cand.numel()])
             sim, u, v = emd_problems(
                 query.patches[q0:q1],
                 part.view(*cand.shape, *rows.shape[1:]),
@@ -444,6 +444,20 @@ def stage2_scores(
         out[q0:q1] = result.similarity.view(q1 - q0, k)
         q0 = q1
     return out
+
+
+def _take_rows(rows: Tensor, index: Tensor, out: Tensor) -> Tensor:
+    """``rows[index]`` into ``out`` (both ``(N, ...)``, contiguous). Rows whose size is a
+    multiple of 8 bytes are copied as int64 words: ``index_select`` then moves 8 bytes per
+    element instead of 1 (int8 codes) or 4, about twice as fast for these multi-KB rows."""
+    size = rows.element_size()
+    row_bytes = rows[0].numel() * size if rows.shape[0] else 0
+    aligned = (rows.storage_offset() * size) % 8 == 0 and (out.storage_offset() * size) % 8 == 0
+    if rows.is_contiguous() and row_bytes and row_bytes % 8 == 0 and aligned:
+        words = rows.view(rows.shape[0], -1).view(torch.int64)
+        torch.index_select(words, 0, index, out=out.view(out.shape[0], -1).view(torch.int64))
+        return out
+    return torch.index_select(rows, 0, index, out=out)
 
 
 def blend_stage2(

@@ -41,8 +41,9 @@ def normalise_weights(w: Tensor) -> Tensor:
             RuntimeWarning,
             stacklevel=2,
         )
-    uniform = torch.full_like(w, 1.0 / w.shape[-1])
-    return torch.where(empty, uniform, w / total.clamp_min(torch.finfo(w.dtype).tiny))
+        w = torch.where(empty, 1.0, w)
+        total = torch.where(empty, float(w.shape[-1]), total)
+    return w.div_(total)
 
 
 def grid_to_patches(grid: Tensor) -> Tensor:
