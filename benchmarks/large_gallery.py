@@ -93,7 +93,7 @@ class AnonPeak:
         return max(self.peak, self.now())
 
 
-def child(folder: Path, queries: int, top_k: int) -> dict:
+def child(folder: Path, queries: int, top_k: int, query_batch: int | None) -> dict:
     torch.set_num_threads(2)
     anon = AnonPeak()
     emb = torch.from_numpy(np.load(folder / "emb.npy", mmap_mode="r+"))
@@ -112,7 +112,7 @@ def child(folder: Path, queries: int, top_k: int) -> dict:
         queries, *patches.shape[1:], generator=rng
     )
     query = FeatureBank(q_emb, q_patches, labels[rows])
-    cfg = RerankConfig(top_k=top_k, weighting="apc", tol=1e-3)
+    cfg = RerankConfig(top_k=top_k, weighting="apc", tol=1e-3, query_batch=query_batch)
     t0 = time.perf_counter()
     ranking = two_stage_rank(query, gallery, cfg)
     total = time.perf_counter() - t0
@@ -132,10 +132,11 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--top-k", type=int, default=100)
+    parser.add_argument("--query-batch", type=int, default=None, help="default: automatic")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.queries, args.top_k)))
+        print(json.dumps(child(args.child, args.queries, args.top_k, args.query_batch)))
         return
     rows = []
     for size in args.sizes:
@@ -153,6 +154,7 @@ def main() -> None:
                     str(args.queries),
                     "--top-k",
                     str(args.top_k),
+                    *(["--query-batch", str(args.query_batch)] if args.query_batch else []),
                 ],
                 capture_output=True,
                 text=True,
