@@ -25,13 +25,13 @@ _FLOOR = np.float32(1e-38)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _solve(kernel, sim, u, v, tol, max_iter, a_out, b_out, stats):  # pragma: no cover (jit)
+def _solve(kernel, sim, u, v, tol, max_iter, a_out, b_out, ka_out, stats):  # pragma: no cover
     n, r1, r2 = kernel.shape
     for p in numba.prange(n):
         k = kernel[p]
         a = a_out[p]
         b = b_out[p]
-        ka = np.empty(r2, np.float32)
+        ka = ka_out[p]  # column sums K^T a; preallocated: no allocation inside the parallel loop
         b[:] = 1.0
         it = 0
         err = np.float32(0.0)
@@ -81,6 +81,7 @@ def sinkhorn_cpu(
     n, r1, r2 = kernel.shape
     a = torch.empty(n, r1)
     b = torch.empty(n, r2)
+    ka = torch.empty(n, r2)
     stats = torch.empty(n, 4)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     _solve(
@@ -92,6 +93,7 @@ def sinkhorn_cpu(
         int(max_iter),
         a.numpy(),
         b.numpy(),
+        ka.numpy(),
         stats.numpy(),
     )
     return a, b, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3].int()
