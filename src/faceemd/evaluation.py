@@ -169,7 +169,9 @@ class ScoreCache:
     except alpha/blend, stage-1 candidates): jobs of an alpha sweep compute them once."""
 
     _SETTINGS = ("top_k", "weighting", "solver", "eps", "max_iter", "tol", "check_every",
-                 "log_domain", "cost_dtype", "grid")  # fmt: skip
+                 "log_domain", "cost_dtype", "backend", "grid")  # fmt: skip
+    # Bumped when the engine's numbers change beyond tol (v2: int8 cost, numba backend).
+    _ENGINE = 2
 
     def __init__(self, cache: FeatureCache | None, feats: dict, rerank: RerankConfig) -> None:
         keys = [f.key for f in feats.values()]
@@ -179,7 +181,7 @@ class ScoreCache:
 
     def _key(self, candidates: torch.Tensor) -> str:
         digest = hashlib.sha256(candidates.long().contiguous().numpy().tobytes()).hexdigest()
-        return cache_key(kind="stage2_scores", candidates=digest, **self.base)
+        return cache_key(kind="stage2_scores", engine=self._ENGINE, candidates=digest, **self.base)
 
     def lookup(self, candidates: torch.Tensor) -> torch.Tensor | None:
         if self.cache is None:
