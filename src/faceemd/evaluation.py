@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import cv2
@@ -62,10 +63,10 @@ def build_callbacks(cfg: DictConfig | None) -> list:
 
 
 def finish_loggers() -> None:
-    """Close the W&B run if one is open (no-op without W&B)."""
-    import wandb
-
-    if wandb.run is not None:
+    """Close the W&B run if one is open. A job whose loggers never imported wandb has no run
+    (and need not have wandb installed: CSV-only runs)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 
