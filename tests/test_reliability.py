@@ -109,3 +109,13 @@ def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
     assert sizes[:3] == [7, 4, 2]  # 8 (7 left) -> 4 -> 2, then 2 at a time
     assert torch.equal(got[1], reference[1])
     torch.testing.assert_close(got[0], reference[0])
+
+
+def test_finishing_a_job_without_wandb_logger_does_not_import_wandb(monkeypatch):
+    import sys
+
+    from faceemd.evaluation import finish_loggers
+
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    finish_loggers()  # a CSV-only job: must neither need nor load wandb
+    assert "wandb" not in sys.modules
