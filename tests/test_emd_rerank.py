@@ -109,3 +109,27 @@ def test_row_gather_matches_indexing_for_any_row_size():
         out = torch.empty((4, *shape[1:]), dtype=dtype)
         assert torch.equal(_take_rows(rows, index, out), rows[index])
         assert torch.equal(_take_rows(rows[1:], index, out), rows[1:][index])  # offset storage
+
+
+def test_memory_mapped_gallery_pages_are_released_and_scores_unchanged(tmp_path):
+    import numpy as np
+
+    from faceemd.emd.mapping import shared_file_mapping
+    from faceemd.emd.rerank import stage2_scores
+
+    g = torch.Generator().manual_seed(5)
+    patches = torch.randn(40, 16, 32, generator=g).relu()
+    arr = np.lib.format.open_memmap(tmp_path / "p.npy", "w+", np.float32, tuple(patches.shape))
+    arr[:] = patches.numpy()
+    arr.flush()
+    mapped = torch.from_numpy(np.load(tmp_path / "p.npy", mmap_mode="r+"))
+    assert shared_file_mapping(mapped) is not None
+    assert shared_file_mapping(patches) is None  # anonymous memory is never released
+    emb = torch.randn(40, 8, generator=g)
+    query = FeatureBank(emb[:6], patches[:6] + 0.1, torch.arange(6))
+    _, cand = stage1_topk(query.embeddings, emb, 10)
+    cfg = RerankConfig(top_k=10, query_batch=2)
+    in_memory = stage2_scores(query, FeatureBank(emb, patches, torch.arange(40)), cand, cfg)
+    from_map = stage2_scores(query, FeatureBank(emb, mapped, torch.arange(40)), cand, cfg)
+    assert torch.equal(from_map, in_memory)
+    assert torch.equal(mapped, patches)  # released pages read back from the file unchanged

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from faceemd.emd.cost import patch_cosine, quantize_patches
 from faceemd.emd.exact import exact_emd
+from faceemd.emd.mapping import release, shared_file_mapping
 from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
 from faceemd.emd.weights import WEIGHTINGS, compute_weights
 
@@ -42,6 +43,8 @@ __all__ = [
 _KERNEL_BUDGET = 4 << 20
 # On a GPU a step should instead fill the device: hundreds of queries' problems per launch.
 _GPU_KERNEL_BUDGET = 1 << 30
+# Rows read from a memory-mapped gallery between releases of its pages (~1 MB mapped per row).
+_MAPPED_ROWS = 128
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -404,6 +407,7 @@ def stage2_scores(
     budget = _KERNEL_BUDGET if query.patches.device.type == "cpu" else _GPU_KERNEL_BUDGET
     batch = cfg.query_batch or max(1, budget // (8 * max(1, k) * r * r2))
     out = torch.zeros(q, k, device=query.patches.device)
+    mapped = shared_file_mapping(rows)  # a gallery mapped from disk: release what was read
     gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
     q0 = 0
     while q0 < q and k:
@@ -412,7 +416,7 @@ def stage2_scores(
         try:
             if gathered is None or gathered.shape[0] < cand.numel():
                 gathered = rows.new_empty((batch * k, *rows.shape[1:]))
-            part = _take_rows(rows, cand.reshape(-1), gathered[: cand.numel()])
+            part = _take_rows(rows, cand.reshape(-1), gathered[: cand.numel()], mapped)
             sim, u, v = emd_problems(
                 query.patches[q0:q1],
                 part.view(*cand.shape, *rows.shape[1:]),
@@ -446,18 +450,31 @@ def stage2_scores(
     return out
 
 
-def _take_rows(rows: Tensor, index: Tensor, out: Tensor) -> Tensor:
+def _take_rows(
+    rows: Tensor, index: Tensor, out: Tensor, mapped: tuple[int, int] | None = None
+) -> Tensor:
     """``rows[index]`` into ``out`` (both ``(N, ...)``, contiguous). Rows whose size is a
     multiple of 8 bytes are copied as int64 words: ``index_select`` then moves 8 bytes per
-    element instead of 1 (int8 codes) or 4, about twice as fast for these multi-KB rows."""
+    element instead of 1 (int8 codes) or 4, about twice as fast for these multi-KB rows.
+
+    mapped: the shared file mapping holding ``rows`` (:func:`shared_file_mapping`); its pages
+    are released after every ``_MAPPED_ROWS`` rows, because reading one row maps a whole
+    page-cache folio (~1 MB here) into the process.
+    """
     size = rows.element_size()
     row_bytes = rows[0].numel() * size if rows.shape[0] else 0
     aligned = (rows.storage_offset() * size) % 8 == 0 and (out.storage_offset() * size) % 8 == 0
     if rows.is_contiguous() and row_bytes and row_bytes % 8 == 0 and aligned:
-        words = rows.view(rows.shape[0], -1).view(torch.int64)
-        torch.index_select(words, 0, index, out=out.view(out.shape[0], -1).view(torch.int64))
-        return out
-    return torch.index_select(rows, 0, index, out=out)
+        src = rows.view(rows.shape[0], -1).view(torch.int64)
+        dst = out.view(out.shape[0], -1).view(torch.int64)
+    else:
+        src, dst = rows, out
+    step = _MAPPED_ROWS if mapped is not None else max(1, index.shape[0])
+    for i in range(0, index.shape[0], step):
+        torch.index_select(src, 0, index[i : i + step], out=dst[i : i + step])
+        if mapped is not None:
+            release(mapped)
+    return out
 
 
 def blend_stage2(
