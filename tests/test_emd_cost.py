@@ -86,3 +86,11 @@ def test_int8_stage2_agrees_with_float32(weighting):
     )
     assert_close(got, ref, atol=3e-3, rtol=0)  # a few cosine rounding errors, see above
     assert torch.equal(got.argmax(1), ref.argmax(1))
+
+
+def test_feature_bank_rejects_codes_of_other_patches():
+    patches = _patches(5, 4, 8)
+    codes, scales = quantize_patches(patches)
+    FeatureBank(torch.zeros(5, 2), patches, torch.arange(5), quantized=(codes, scales))
+    with pytest.raises(ValueError, match="quantized must be int8 codes"):
+        FeatureBank(torch.zeros(5, 2), patches, torch.arange(5), quantized=(codes[:, :2], scales))

@@ -165,6 +165,15 @@ class FeatureBank:
             or self.summaries[1].shape != (n, self.patches.shape[2])
         ):
             raise ValueError("summaries must be patch norms (N, R) and patch means (N, C)")
+        if self.quantized is not None and (
+            self.quantized[0].shape != self.patches.shape
+            or self.quantized[0].dtype != torch.int8
+            or self.quantized[1].shape != self.patches.shape[:2]
+        ):
+            raise ValueError(
+                "quantized must be int8 codes (N, R, C) and scales (N, R) of these patches "
+                "(see faceemd.emd.quantize_patches)"
+            )
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
