@@ -144,3 +144,26 @@ def test_entries_carry_patch_summaries_of_the_stored_values(tmp_path):
     native = back.to_bank(None)
     assert native.summaries is back.summaries
     assert back.to_bank((2, 2)).summaries is None  # pooled grids need their own summaries
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_parts_merge_into_one_mapped_entry(tmp_path, dtype):
+    from faceemd.emd.mapping import shared_file_mapping
+    from faceemd.evaluation import _concat
+
+    cache = FeatureCache(tmp_path, dtype=dtype, mmap=True)
+    written = [(0, _features(n=5, seed=1)), (5, _features(n=3, seed=2))]
+    for i, (_, f) in enumerate(written):
+        cache.save(f"{i:02d}" * 32, f)
+    parts = [((a, a + len(f)), cache.load(f"{i:02d}" * 32)) for i, (a, f) in enumerate(written)]
+    cache.save_merged("cd" * 32, [(a, f) for (a, _), f in parts], {"parts": 2})
+    whole = cache.load("cd" * 32)  # verify=True: the streamed checksum must match
+    assert whole is not None
+    reference = _concat(parts)
+    for name in ("embeddings", "patches", "index", "landmarks"):
+        assert torch.equal(getattr(whole, name), getattr(reference, name)), name
+    assert torch.equal(whole.index[5:], written[1][1].index + 5)  # part positions offset
+    assert whole.skipped == 2 and whole.grid_shape == (4, 4)
+    for got, want in zip(whole.summaries, reference.summaries, strict=True):
+        assert torch.equal(got, want)
+    assert shared_file_mapping(whole.patches) is not None  # mapped, not copied into memory

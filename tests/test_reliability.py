@@ -73,6 +73,13 @@ def test_killed_extraction_resumes_from_cached_parts(tmp_path):
     reference = _evaluate(["cache=off"], tmp_path / "b")
     for key in METRICS:
         assert resumed[key] == reference[key], key
+    # The same parts, mapped: each set is merged once into one mapped entry (not concatenated
+    # in memory), with the same metrics.
+    mapped = _evaluate([*parts, "cache.mmap=true"], tmp_path / "a")
+    assert mapped["eval/cached_parts"] == 5
+    assert len(list((tmp_path / "a" / "cache").rglob("*.safetensors"))) == 5 + 2 + 1  # + scores
+    for key in METRICS:
+        assert mapped[key] == reference[key], key
 
 
 def test_nan_features_are_reported_with_image_names():

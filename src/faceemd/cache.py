@@ -11,7 +11,8 @@ Format: one safetensors file per entry, ``<root>/<key[:2]>/<key>.safetensors``, 
 ingredients and a SHA-256 of the tensors in its metadata. Writes go to a temporary file that is
 renamed into place, so a killed writer never leaves a file a later run trusts; a file whose
 checksum does not match is reported, deleted and rebuilt. ``mmap=True`` maps the tensors from
-the file (numpy memmap) instead of reading them into memory, for galleries larger than RAM.
+the file (numpy memmap) instead of reading them into memory, for galleries larger than RAM; a
+set extracted in parts is then merged into one entry (:meth:`FeatureCache.save_merged`).
 """
 
 from __future__ import annotations
@@ -198,6 +199,70 @@ class FeatureCache:
             return None
         log.info("feature cache: hit %s (%d images)", self.path(key), len(feats))
         return feats
+
+    def save_merged(
+        self, key: str, parts: list[tuple[int, ExtractedFeatures]], ingredients: dict | None = None
+    ) -> Path:
+        """One entry for a set cached in parts (``(first position, part features)``, parts as
+        the cache loaded them), written part by part so the set is never whole in memory: a
+        mapped gallery needs one entry, since concatenating mapped parts copies them into RAM.
+        Loads like any entry written by :meth:`save`."""
+        first = parts[0][1]
+        arrays = {name: [] for name in _TENSORS}
+        for start, f in parts:
+            arrays["embeddings"].append(f.embeddings.float().numpy())
+            arrays["patches"].append(f.patches.to(_STORE_DTYPES[self.dtype]).numpy())
+            arrays["index"].append((f.index.long() + start).numpy())
+            arrays["landmarks"].append(f.landmarks.float().numpy())
+            norms, means = f.summaries or patch_summaries(f.patches)
+            arrays["patch_norms"].append(norms.float().numpy())
+            arrays["patch_means"].append(means.float().numpy())
+        header, offset = {}, 0
+        for name in sorted(arrays):  # data in name order, as the checksum reads it
+            pieces = arrays[name]
+            shape = [sum(a.shape[0] for a in pieces), *pieces[0].shape[1:]]
+            nbytes = sum(a.nbytes for a in pieces)
+            code = {np.dtype(v): k for k, v in _NP_DTYPES.items()}[pieces[0].dtype]
+            header[name] = {
+                "dtype": code,
+                "shape": shape,
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        meta = {
+            "grid_shape": json.dumps(list(first.grid_shape)),
+            "image_size": json.dumps(list(first.image_size)),
+            "skipped": str(sum(int(f.skipped) for _, f in parts)),
+            "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
+        }
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+        def head(sha: str) -> bytes:
+            blob = json.dumps({**header, "__metadata__": {**meta, "sha256": sha}}).encode()
+            blob += b" " * (-len(blob) % 8)
+            return struct.pack("<Q", len(blob)) + blob
+
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(head("0" * 64))  # same length as the real digest, written at the end
+                for name in sorted(arrays):
+                    pieces = arrays[name]
+                    shape = (header[name]["shape"][0], *pieces[0].shape[1:])
+                    digest.update(f"{name}:{pieces[0].dtype.str}:{shape}".encode())
+                    for piece in pieces:
+                        for block in _blocks(np.ascontiguousarray(piece)):
+                            digest.update(block)
+                            fh.write(block)
+                fh.seek(0)
+                fh.write(head(digest.hexdigest()))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("feature cache: merged %d parts into %s", len(parts), path)
+        return path
 
     def save_scores(self, key: str, candidates: torch.Tensor, emd: torch.Tensor) -> Path:
         """Stage-2 EMD similarities ``(Q, k)`` of the stage-1 ``candidates`` ``(Q, k)``: they do

@@ -244,9 +244,12 @@ def load_or_extract(
     feats = {}
     for name, faces in sets.items():
         parts = [(u[1], got[(u[0], u[1])]) for u in units if u[0] == name]
-        feats[name] = _concat(parts).with_labels(datamodule.labels_of(faces))
-        feats[name].verified = True  # checked by check_features when extracted (then cached)
         unit_keys = [u[2] for u in units if u[0] == name]
+        whole = None
+        if cache is not None and cache.mmap and len(parts) > 1 and all(unit_keys):
+            whole = _merged(cache, parts, unit_keys, is_zero)
+        feats[name] = (whole or _concat(parts)).with_labels(datamodule.labels_of(faces))
+        feats[name].verified = True  # checked by check_features when extracted (then cached)
         feats[name].key = cache_key(parts=unit_keys) if all(unit_keys) else None
     counters = {
         "eval/extracted_sets": len({u[0] for u in missing}),
@@ -257,6 +260,17 @@ def load_or_extract(
         "eval/skipped_images": sum(f.skipped for f in feats.values()),
     }
     return feats, counters, is_zero
+
+
+def _merged(cache: FeatureCache, parts, unit_keys: list[str], is_zero: bool):
+    """A set cached in parts, as one mapped entry (written once, by rank 0): concatenating
+    mapped parts would copy a gallery larger than RAM into memory. None if not (yet) there."""
+    key = cache_key(kind="merged", parts=unit_keys)
+    whole = cache.load(key)
+    if whole is None and is_zero:
+        cache.save_merged(key, [(a, f) for (a, _), f in parts], {"parts": unit_keys})
+        whole = cache.load(key)
+    return whole
 
 
 def _input_image(faces, position: int, size: tuple[int, int]) -> np.ndarray:
