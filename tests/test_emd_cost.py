@@ -94,3 +94,13 @@ def test_feature_bank_rejects_codes_of_other_patches():
     FeatureBank(torch.zeros(5, 2), patches, torch.arange(5), quantized=(codes, scales))
     with pytest.raises(ValueError, match="quantized must be int8 codes"):
         FeatureBank(torch.zeros(5, 2), patches, torch.arange(5), quantized=(codes[:, :2], scales))
+
+
+def test_bfloat16_product_close_to_float32():
+    q, c = _patches(2, 16, 64), _patches(2, 5, 16, 64, seed=1)
+    ref = patch_cosine(q, c)
+    low = patch_cosine(q, c, torch.bfloat16)
+    assert low.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits per operand: unit-vector products err by ~1e-2 at most here.
+    assert_close(low, ref, atol=2e-2, rtol=0)
+    assert float((low - ref).abs().max()) > 0  # the product really ran in bf16

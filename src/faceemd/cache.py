@@ -203,20 +203,19 @@ class FeatureCache:
     def save_merged(
         self, key: str, parts: list[tuple[int, ExtractedFeatures]], ingredients: dict | None = None
     ) -> Path:
-        """One entry for a set cached in parts (``(first position, part features)``, parts as
-        the cache loaded them), written part by part so the set is never whole in memory: a
+        """One entry for a set cached in parts (``(first position, part features)``, each as
+        :meth:`load` returned it), written part by part so the set is never whole in memory: a
         mapped gallery needs one entry, since concatenating mapped parts copies them into RAM.
         Loads like any entry written by :meth:`save`."""
         first = parts[0][1]
         arrays = {name: [] for name in _TENSORS}
         for start, f in parts:
-            arrays["embeddings"].append(f.embeddings.float().numpy())
-            arrays["patches"].append(f.patches.to(_STORE_DTYPES[self.dtype]).numpy())
-            arrays["index"].append((f.index.long() + start).numpy())
-            arrays["landmarks"].append(f.landmarks.float().numpy())
-            norms, means = f.summaries or patch_summaries(f.patches)
-            arrays["patch_norms"].append(norms.float().numpy())
-            arrays["patch_means"].append(means.float().numpy())
+            arrays["embeddings"].append(f.embeddings.numpy())
+            arrays["patches"].append(f.patches.numpy())
+            arrays["index"].append((f.index + start).numpy())
+            arrays["landmarks"].append(f.landmarks.numpy())
+            arrays["patch_norms"].append(f.summaries[0].numpy())
+            arrays["patch_means"].append(f.summaries[1].numpy())
         header, offset = {}, 0
         for name in sorted(arrays):  # data in name order, as the checksum reads it
             pieces = arrays[name]

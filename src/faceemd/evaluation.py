@@ -223,8 +223,18 @@ def load_or_extract(
         for a, b in _parts(len(faces), chunk):
             part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
             units.append((name, (a, b), cache_key(**part) if part else None, part))
-    got = {(u[0], u[1]): cache.load(u[2]) if u[2] else None for u in units}
-    missing = [u for u in units if got[(u[0], u[1])] is None]
+    # Mapped sets of several parts are served by one merged entry (see _merge_parts); where it
+    # exists, its parts need not be read.
+    merged_keys = {}
+    if cache is not None and cache.mmap:
+        for name in sets:
+            keys = [u[2] for u in units if u[0] == name]
+            if len(keys) > 1:
+                merged_keys[name] = cache_key(kind="merged", parts=keys)
+    whole = {name: cache.load(key) for name, key in merged_keys.items()}
+    pending = [u for u in units if whole.get(u[0]) is None]
+    got = {(u[0], u[1]): cache.load(u[2]) if u[2] else None for u in pending}
+    missing = [u for u in pending if got[(u[0], u[1])] is None]
     is_zero, seconds = True, 0.0
     if missing:
         collector = FeatureCollector()
@@ -243,12 +253,16 @@ def load_or_extract(
                 cache.save(key, extracted, part)
     feats = {}
     for name, faces in sets.items():
-        parts = [(u[1], got[(u[0], u[1])]) for u in units if u[0] == name]
-        unit_keys = [u[2] for u in units if u[0] == name]
-        whole = None
-        if cache is not None and cache.mmap and len(parts) > 1 and all(unit_keys):
-            whole = _merged(cache, parts, unit_keys, is_zero)
-        feats[name] = (whole or _concat(parts)).with_labels(datamodule.labels_of(faces))
+        own = [u for u in units if u[0] == name]
+        unit_keys = [u[2] for u in own]
+        if name in merged_keys and whole[name] is None and is_zero:
+            extracted = {u[1] for u in missing if u[0] == name}
+            whole[name] = _merge_parts(cache, merged_keys[name], own, got, extracted)
+        if whole.get(name) is not None:
+            feats[name] = whole[name]
+        else:
+            feats[name] = _concat([(u[1], got[(u[0], u[1])]) for u in own])
+        feats[name].with_labels(datamodule.labels_of(faces))
         feats[name].verified = True  # checked by check_features when extracted (then cached)
         feats[name].key = cache_key(parts=unit_keys) if all(unit_keys) else None
     counters = {
@@ -262,15 +276,18 @@ def load_or_extract(
     return feats, counters, is_zero
 
 
-def _merged(cache: FeatureCache, parts, unit_keys: list[str], is_zero: bool):
-    """A set cached in parts, as one mapped entry (written once, by rank 0): concatenating
-    mapped parts would copy a gallery larger than RAM into memory. None if not (yet) there."""
-    key = cache_key(kind="merged", parts=unit_keys)
-    whole = cache.load(key)
-    if whole is None and is_zero:
-        cache.save_merged(key, [(a, f) for (a, _), f in parts], {"parts": unit_keys})
-        whole = cache.load(key)
-    return whole
+def _merge_parts(cache: FeatureCache, key: str, units: list, got: dict, extracted: set):
+    """Write one set's parts (``units``) as one entry and map it: concatenating mapped parts
+    would copy a gallery larger than RAM into memory. Parts extracted in this run (spans in
+    ``extracted``) are read back from their entries, so every part is in its stored form."""
+    parts = []
+    for name, span, part_key, _ in units:
+        part = cache.load(part_key) if span in extracted else got[(name, span)]
+        if part is None:
+            return None  # a part could not be cached: concatenate in memory instead
+        parts.append((span[0], part))
+    cache.save_merged(key, parts, {"parts": [u[2] for u in units]})
+    return cache.load(key)
 
 
 def _input_image(faces, position: int, size: tuple[int, int]) -> np.ndarray:

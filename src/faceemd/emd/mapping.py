@@ -3,7 +3,7 @@
 A gallery mapped from the feature cache (``cache.mmap=true``) stays on disk; stage 2 reads only
 its queries' candidate rows. But every row read stays mapped into the process, and this kernel
 maps page-cache folios larger than a row, so a 200K-image gallery's resident size grew by ~3 GB
-over a run (``benchmarks/large_gallery.py``: 4,168 MiB peak RSS at 200K, 2,046 MiB with this).
+over a run (``benchmarks/large_gallery.py``: 4,168 MiB peak RSS at 200K, 1,928 MiB with this).
 Stage 2 calls :func:`release` every few hundred rows it copies; it drops the mapping's pages
 from the process (``madvise(MADV_DONTNEED)``): they stay in the page cache, and a later read
 maps them again.
@@ -16,6 +16,7 @@ touched (dropping it would lose its contents).
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 from torch import Tensor
@@ -46,8 +47,12 @@ def shared_file_mapping(t: Tensor) -> tuple[int, int] | None:
     return None
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def release(span: tuple[int, int]) -> None:
     """Drop the pages of a mapping found by :func:`shared_file_mapping` from this process."""
     start, length = span
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)
+    _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_DONTNEED)

@@ -277,13 +277,9 @@ def pairwise_emd(
     query_lmk: Tensor | None = None,
     candidate_lmk: Tensor | None = None,
     return_flow: bool = False,
-    candidate_norms: Tensor | None = None,
-    candidate_pooled: Tensor | None = None,
-    candidate_scales: Tensor | None = None,
 ) -> tuple[EMDResult, Tensor, Tensor]:
-    """EMD between each query ``(B, R, C)`` and its candidates ``(B, K, R, C)``.
-
-    Arguments as in :func:`emd_problems`. Returns ``(result, u, v)``: the :class:`EMDResult`
+    """EMD between each query ``(B, R, C)`` and its candidates ``(B, K, R, C)`` (float grids;
+    arguments as in :func:`emd_problems`). Returns ``(result, u, v)``: the :class:`EMDResult`
     over ``(B, K)`` and the weights used, ``u, v (B, K, R)``.
     """
     sim, u, v = emd_problems(
@@ -294,9 +290,6 @@ def pairwise_emd(
         candidate_embedding,
         query_lmk,
         candidate_lmk,
-        candidate_norms,
-        candidate_pooled,
-        candidate_scales,
     )
     if cfg.solver == "exact":
         return exact_emd(torch.rsub(sim, 1.0), u, v, return_flow=return_flow), u, v
