@@ -44,8 +44,12 @@ _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def state_dict_digest(module: nn.Module) -> str:
-    """SHA-256 over the names, shapes and values of a module's state dict."""
+    """SHA-256 over the names, shapes and values of a module's state dict, and over the
+    ``source_digest`` of submodules whose weights live outside it (ONNX graphs)."""
     h = hashlib.sha256()
+    for name, sub in module.named_modules():
+        if getattr(sub, "source_digest", None):
+            h.update(f"{name}:{sub.source_digest}".encode())
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())

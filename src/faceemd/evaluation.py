@@ -14,7 +14,6 @@ import logging
 import sys
 from pathlib import Path
 
-import cv2
 import lightning as L
 import numpy as np
 import torch
@@ -106,10 +105,11 @@ def build_cache(cfg: DictConfig | None) -> FeatureCache | None:
 
 
 def feature_ingredients(
-    weights_sha256: str, faces, backbone_cfg: DictConfig, store_dtype: str
+    weights_sha256: str, faces, backbone_cfg: DictConfig, store_dtype: str, warp=None
 ) -> dict | None:
     """What determines a set's features (the cache key), or None if the set has no
-    fingerprint (then it is not cached). weights_sha256: :func:`state_dict_digest`."""
+    fingerprint (then it is not cached). weights_sha256: :func:`state_dict_digest`; warp: the
+    frame-to-input matrix of :meth:`FaceInput.in_frame` (None: resize only)."""
     if not hasattr(faces, "fingerprint"):
         log.warning("%s has no fingerprint(); its features are not cached", type(faces).__name__)
         return None
@@ -120,6 +120,7 @@ def feature_ingredients(
         "input": OmegaConf.to_container(backbone_cfg.input, resolve=True),
         "flip_test": bool(backbone_cfg.flip_test),
         "store_dtype": store_dtype,
+        "warp": warp,
     }
 
 
@@ -219,7 +220,9 @@ def load_or_extract(
     for name, faces in sets.items():
         ingredients = None
         if cache is not None:
-            ingredients = feature_ingredients(digest, faces, cfg.backbone, cache.dtype)
+            ingredients = feature_ingredients(
+                digest, faces, cfg.backbone, cache.dtype, datamodule.face_input.warp
+            )
         for a, b in _parts(len(faces), chunk):
             part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
             units.append((name, (a, b), cache_key(**part) if part else None, part))
@@ -290,13 +293,9 @@ def _merge_parts(cache: FeatureCache, key: str, units: list, got: dict, extracte
     return cache.load(key)
 
 
-def _input_image(faces, position: int, size: tuple[int, int]) -> np.ndarray:
-    """Set item ``position`` as the network sees it (resized), uint8."""
-    image = faces[position][0]
-    h, w = size
-    if image.shape[:2] != (h, w):
-        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
-    return image
+def _input_image(faces, position: int, face_input) -> np.ndarray:
+    """Set item ``position`` as the network sees it (in its frame and size), uint8."""
+    return face_input.frame_image(faces[position][0])[0]
 
 
 def render_figures(cfg, datamodule, feats, query, gallery, ranking, rerank) -> list[Path]:
@@ -306,7 +305,7 @@ def render_figures(cfg, datamodule, feats, query, gallery, ranking, rerank) -> l
     ids = list(vis.get("queries") or range(min(int(vis.get("num_queries", 0)), len(query))))
     if not ids:
         return []
-    size = datamodule.face_input.size
+    face_input = datamodule.face_input
     grid = rerank.grid or feats["query"].grid_shape
     q_pos, g_pos = feats["query"].index, feats["gallery" if "gallery" in feats else "query"].index
     g_faces = datamodule.query if datamodule.same_images else datamodule.gallery
@@ -318,8 +317,8 @@ def render_figures(cfg, datamodule, feats, query, gallery, ranking, rerank) -> l
         ranking,
         rerank,
         grid,
-        lambda q: _input_image(datamodule.query, int(q_pos[q]), size),
-        lambda g: _input_image(g_faces, int(g_pos[g]), size),
+        lambda q: _input_image(datamodule.query, int(q_pos[q]), face_input),
+        lambda g: _input_image(g_faces, int(g_pos[g]), face_input),
         top=int(vis.get("top", 5)),
     )
     log.info("wrote %d ranking figures to %s", len(paths), paths[0].parent)

@@ -28,7 +28,15 @@ import numpy as np
 from faceemd.data.folders import IMAGE_SUFFIXES, BadImageError, read_image, read_landmarks
 from faceemd.data.manifest import Manifest, landmark_list, write_image
 
-__all__ = ["TEMPLATES", "Template", "align_face", "align_folder", "five_points", "umeyama"]
+__all__ = [
+    "TEMPLATES",
+    "Template",
+    "align_face",
+    "align_folder",
+    "five_points",
+    "template_points",
+    "umeyama",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +77,21 @@ TEMPLATES = {
         (112, 96),
         (112, 96),
     ),  # fmt: skip
+    # ArcFace / insightface 112x112 (SFace and most ONNX face models): the 112x96 SphereFace
+    # template shifted 8 px right
+    "arcface_112": Template(_INSIGHTFACE_112, (112, 112), (112, 112)),
     # FaceNet 160x160: the insightface 112x112 template scaled to 160
     "facenet_160": Template(
         tuple((x * 160 / 112, y * 160 / 112) for x, y in _INSIGHTFACE_112), (160, 160), (160, 160)
     ),
 }
+
+
+def template_points(template: str | Template) -> np.ndarray:
+    """The 5 reference points ``(5, 2)`` of a template in its output (``size``) frame."""
+    t = TEMPLATES[template] if isinstance(template, str) else template
+    (ch, cw), (h, w) = t.crop, t.size
+    return np.asarray(t.points, np.float64) * np.array([w / cw, h / ch])
 
 
 def umeyama(src: np.ndarray, dst: np.ndarray) -> np.ndarray:

@@ -70,6 +70,9 @@ class IdentificationDataModule(L.LightningDataModule):
     """Query and gallery loaders (test/validation/predict: ``[query, gallery]``).
 
     face_input: the backbone's input spec (set by the entry point from the backbone config).
+    frame: the alignment template the images on disk follow (a name of
+    :data:`faceemd.data.align.TEMPLATES`; None: unknown, images are only resized); with the
+    backbone's own template known, images are warped into it (:meth:`FaceInput.in_frame`).
     same_images: true when the gallery is the query set itself (``gallery=None``).
     """
 
@@ -80,11 +83,13 @@ class IdentificationDataModule(L.LightningDataModule):
         face_input: FaceInput | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
+        frame: str | None = None,
     ) -> None:
         super().__init__()
         self.query = query
         self.gallery = gallery
         self.face_input = face_input
+        self.frame = frame
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.vocab: dict[str, int] = {}
@@ -98,6 +103,7 @@ class IdentificationDataModule(L.LightningDataModule):
             raise ValueError(
                 "IdentificationDataModule needs face_input (the backbone's input spec)"
             )
+        self.face_input = self.face_input.in_frame(self.frame)
         names = set(self.query.label_names())
         if self.gallery is not None:
             names |= set(self.gallery.label_names())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from faceemd.data.align import TEMPLATES, align_face, five_points
 from faceemd.data.occlusion import apply_occlusion
 
 __all__ = ["Identity", "render_face", "sample_identity", "SyntheticFaces"]
@@ -169,7 +170,11 @@ class SyntheticFaces:
     num_identities x images_per_identity images; ``first_image`` offsets the image numbers so
     that a gallery (images 0..n-1) and a query set (images n..) of the same identities never
     share a picture. occlusion: one of :data:`faceemd.data.occlusion.OCCLUSIONS`.
-    Item ``i`` is ``(image (128, 128) uint8, identity name, landmarks (68, 2))``.
+    template: a name of :data:`faceemd.data.align.TEMPLATES`: each rendered face is aligned to
+    it by its own 5 points (eye centres, nose tip, mouth corners of its 68 landmarks), as a
+    detected real photo is, before the occluder is applied; None keeps the 128x128 render.
+    Item ``i`` is ``(image (h, w) uint8, identity name, landmarks (68, 2))``, ``(h, w)`` the
+    template's size or ``(128, 128)``.
     """
 
     def __init__(
@@ -179,9 +184,13 @@ class SyntheticFaces:
         first_image: int = 0,
         occlusion: str = "none",
         seed: int = 0,
+        template: str | None = None,
     ) -> None:
         if num_identities < 1 or images_per_identity < 1:
             raise ValueError("num_identities and images_per_identity must be >= 1")
+        if template is not None and template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
+        self.template = template
         self.num_identities = num_identities
         self.images_per_identity = images_per_identity
         self.first_image = first_image
@@ -202,6 +211,7 @@ class SyntheticFaces:
             "first_image": self.first_image,
             "occlusion": self.occlusion,
             "seed": self.seed,
+            "template": self.template,
         }
 
     def label_names(self) -> list[str]:
@@ -213,6 +223,9 @@ class SyntheticFaces:
         image_no = self.first_image + k
         rng = np.random.default_rng([self.seed, ident, image_no + 1])
         img, lmk = render_face(self._identities[ident], rng)
+        if self.template is not None:
+            img, m = align_face(img, five_points(lmk), self.template)
+            lmk = lmk @ m[:, :2].T + m[:, 2]
         occ_rng = np.random.default_rng([self.seed, ident, image_no + 1, 7])
         img, lmk = apply_occlusion(img, lmk, self.occlusion, occ_rng)
         return img, self.names[ident], lmk.astype(np.float32)

@@ -20,6 +20,6 @@ def build_backbone(cfg: DictConfig):
 
 
 def build_face_input(cfg: DictConfig) -> FaceInput:
-    """The input spec (size, channels, normalisation) declared in the backbone config."""
-    spec = cfg.input
-    return FaceInput(size=spec.size, channels=spec.channels, mean=spec.mean, std=spec.std)
+    """The input spec (size, channels, normalisation, colour order, alignment template)
+    declared in the backbone config."""
+    return FaceInput.from_config(cfg.input)
