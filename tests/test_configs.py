@@ -18,7 +18,8 @@ GROUP_OPTIONS = {
 # Options whose instantiation needs files outside the repo or user-supplied paths.
 # (data protocols are instantiated on generated trees in test_protocols_on_generated_trees)
 NEEDS_FILES = {("data", o) for o in GROUP_OPTIONS["data"] if o != "synthetic"} | {
-    ("backbone", "mobilefacenet")
+    ("backbone", "mobilefacenet"),
+    ("backbone", "onnx"),  # a user's file: tests/test_backbones.py exports one
 }
 
 

@@ -38,7 +38,12 @@ def test_single_run_writes_metrics_and_logs(tmp_path):
     out = _run(["logger=default", "visualize.num_queries=2"], tmp_path)
     files = list(tmp_path.glob("evaluate/runs/*/metrics.json"))
     assert len(files) == 1
-    metrics = json.loads(files[0].read_text())["metrics"]
+    payload = json.loads(files[0].read_text())
+    metrics = payload["metrics"]
+    # the embedded default is a real trained model (SFace) on faces in its ArcFace frame
+    assert payload["config"]["backbone"]["name"] == "sface"
+    assert payload["config"]["data"]["frame"] == "arcface_112"
+    assert metrics["stage1/p_at_1"] >= 0.5  # chance: 1/8
     assert metrics["eval/num_queries"] == 8
     assert metrics["eval/gallery_size"] == 16
     for key in ("stage1/p_at_1", "stage2/p_at_1", "stage2/map_at_r", "stage1/max_precision_at_k"):
@@ -51,8 +56,8 @@ def test_single_run_writes_metrics_and_logs(tmp_path):
     assert [f.name for f in figures] == ["query_00000.png", "query_00001.png"]
     import cv2
 
-    # 3 rows x (query + top 5) tiles of the 128x128 ArcFace input with 3 px borders
-    assert cv2.imread(str(figures[0])).shape == (3 * 134, 6 * 134, 3)
+    # 3 rows x (query + top 5) tiles of the 112x112 SFace input with 3 px borders
+    assert cv2.imread(str(figures[0])).shape == (3 * 118, 6 * 118, 3)
     assert list(run_dir.glob("wandb/offline-run-*/files/media/images/visualize_*.png"))
 
 

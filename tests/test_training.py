@@ -229,3 +229,14 @@ def test_keyboard_interrupt_leaves_last_checkpoint_and_finished_wandb(tmp_path):
     (wandb_run,) = run_dir.glob("wandb/offline-run-*")
     # wandb.finish() ran (offline runs record it in their debug log)
     assert "finishing run" in (wandb_run / "logs" / "debug.log").read_text()
+
+
+def test_onnx_backbone_is_refused_for_finetuning(compose_train):
+    """SFace runs in onnxruntime: train.py must say so instead of training only the head."""
+    from omegaconf import OmegaConf
+
+    from faceemd.models.recognizer import FaceRecognizer
+
+    cfg = OmegaConf.to_container(compose_train(["backbone=sface"]), resolve=True)
+    with pytest.raises(ValueError, match="backbone=sface has no trainable parameters"):
+        FaceRecognizer(cfg["backbone"], cfg["head"], 3, cfg["optimizer"])

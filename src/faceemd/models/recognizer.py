@@ -45,6 +45,12 @@ class FaceRecognizer(L.LightningModule):
             raise ValueError(f"loss must be 'ce' or 'focal', got {loss!r}")
         self.save_hyperparameters()
         self.backbone = instantiate(backbone["net"])
+        if not any(p.requires_grad for p in self.backbone.parameters()):
+            raise ValueError(
+                f"backbone={backbone.get('name')} has no trainable parameters (an ONNX graph "
+                "runs in onnxruntime, outside autograd): finetune a PyTorch backbone "
+                "(backbone=mobilefacenet, backbone=torch, ...) and evaluate the export"
+            )
         h, w = backbone["input"]["size"]
         with torch.no_grad():
             self.backbone.eval()
