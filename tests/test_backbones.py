@@ -293,3 +293,22 @@ def test_real_sface_on_lfw_same_person_higher_and_p_at_1_far_above_chance():
     sim.fill_diagonal_(-2)
     p_at_1 = float((lab[sim.argmax(1).numpy()] == lab).mean())
     assert p_at_1 > 0.8, p_at_1  # chance: 2 / 299
+
+
+def test_flip_test_changes_the_embedding_only():
+    """flip_test adds the mirror's embedding (stage 1); the patch grid (stage 2) stays the
+    original image's."""
+    from faceemd.models.backbones import TinyFaceNet
+    from faceemd.models.extractor import extract_batch
+
+    torch.manual_seed(0)
+    net = TinyFaceNet().eval()
+    x = torch.randn(3, 1, 64, 64)
+    batch = {"image": x, "landmarks": torch.zeros(3, 68, 2), "label": torch.zeros(3),
+             "index": torch.arange(3), "skipped": 0}  # fmt: skip
+    with torch.no_grad():
+        plain, flipped = extract_batch(net, batch, flip=False), extract_batch(net, batch, True)
+        mirror = net(torch.flip(x, dims=[3])).embedding
+    torch.testing.assert_close(flipped["patches"], plain["patches"])
+    torch.testing.assert_close(flipped["embedding"], plain["embedding"] + mirror)
+    assert not torch.allclose(flipped["embedding"], plain["embedding"])

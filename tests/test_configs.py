@@ -63,6 +63,9 @@ def test_experiment_files_compose(compose_evaluate):
     for path in sorted((ROOT / "conf" / "experiment").glob("*.yaml")):
         cfg = compose_evaluate([f"experiment={path.stem}"])
         assert cfg.rerank is not None
+        # the paper's tables: embeddings of the image alone, RP/MAP@R with the public R
+        assert not cfg.backbone.flip_test
+        assert cfg.metrics.r_counts_query == path.stem.startswith("paper_")
 
 
 def test_config_tree_has_expected_groups():
@@ -200,6 +203,7 @@ def test_paper_experiments_are_all_there():
         "paper_table3",
         "paper_table4",
         "real_lfw_mobilefacenet",
+        "real_lfw_sface",
     }
 
 

@@ -89,3 +89,39 @@ def test_torchmetrics_wrapper_accumulates_batches():
 def test_too_shallow_ranking_is_an_error():
     with pytest.raises(ValueError, match="rank at least"):
         identification_metrics(torch.ones(2, 2, dtype=torch.bool), torch.tensor([3, 1]))
+
+
+def _reference_public(sim, labels):
+    """The public DeepFace-EMD definition on a query-equals-gallery set, written out: the own
+    image is not ranked but counts in R (``num_pos`` = gallery items with the label)."""
+    rp, mapr = [], []
+    for i in range(sim.shape[0]):
+        order = [j for j in np.argsort(-sim[i], kind="stable") if j != i]
+        rel = np.array([labels[j] == labels[i] for j in order] + [False])  # own image: never
+        r = int((labels == labels[i]).sum())
+        if r == 1:
+            continue  # no other relevant image: excluded as in the default definition
+        rp.append(rel[:r].sum() / r)
+        mapr.append(float((np.cumsum(rel[:r]) / np.arange(1, r + 1) * rel[:r]).sum() / r))
+    return np.mean(rp), np.mean(mapr)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_public_r_definition_matches_bruteforce_through_evaluate_features(seed):
+    from faceemd.callbacks import evaluate_features
+    from faceemd.emd import FeatureBank, RerankConfig
+
+    rng = np.random.default_rng(seed)
+    n = 50
+    labels = torch.from_numpy(rng.integers(0, 12, n))
+    emb = torch.from_numpy(rng.standard_normal((n, 8))).float()
+    bank = FeatureBank(emb, torch.zeros(n, 1, 2), labels)
+    cfg = RerankConfig(top_k=5, alpha=0.0)
+    public, _ = evaluate_features(bank, bank, cfg, True, r_counts_query=True)
+    default, _ = evaluate_features(bank, bank, cfg, True)
+    en = torch.nn.functional.normalize(emb, dim=1)
+    ref_rp, ref_mapr = _reference_public((en @ en.T).numpy(), labels.numpy())
+    assert public["stage1/r_precision"] == pytest.approx(ref_rp, abs=1e-9)
+    assert public["stage1/map_at_r"] == pytest.approx(ref_mapr, abs=1e-9)
+    assert public["stage1/p_at_1"] == default["stage1/p_at_1"]
+    assert public["stage1/r_precision"] != default["stage1/r_precision"]

@@ -34,22 +34,28 @@ def evaluate_features(
     cfg: RerankConfig,
     same_images: bool,
     emd_scores=None,
+    r_counts_query: bool = False,
 ) -> tuple[dict[str, float], Ranking]:
     """Two-stage ranking plus metrics for extracted features.
 
     same_images: query row i is gallery row i (excluded from its own ranking).
     emd_scores: optional cached stage-2 scores lookup (see :func:`two_stage_rank`).
+    r_counts_query: R-Precision / MAP@R with the public code's R, which counts the query's own
+    image on query-equals-gallery protocols (:func:`relevant_counts`); P@1 is unchanged.
     Returns ``(metrics, ranking)``; metric keys ``stage{1,2}/{p_at_1,r_precision,map_at_r}``,
     ``stage1/max_precision_at_k`` and ``eval/*`` counts and seconds. Inside a process group
     (DDP), every process must call it: each ranks a contiguous block of the queries and the
     blocks are gathered, so all processes return the same full result.
     """
     exclude = torch.arange(len(query)) if same_images else None
-    r = relevant_counts(query.labels, gallery.labels, exclude)
-    depth = max(int(r.max()) if len(r) else 1, cfg.top_k, 1)
+    r = relevant_counts(query.labels, gallery.labels, exclude, count_query=r_counts_query)
+    r_depth = int(r.max()) if len(r) else 1
+    if exclude is not None:
+        r_depth = min(r_depth, len(gallery) - 1)  # a counted own image is never ranked
+    depth = max(r_depth, cfg.top_k, 1)
     ranking = _sharded_rank(query, gallery, cfg, exclude, depth, emd_scores)
-    hits1 = hits_from_ranking(ranking.stage1_index, query.labels, gallery.labels)
-    hits2 = hits_from_ranking(ranking.stage2_index, query.labels, gallery.labels)
+    hits1 = _hits(ranking.stage1_index, query.labels, gallery.labels, r)
+    hits2 = _hits(ranking.stage2_index, query.labels, gallery.labels, r)
     m1 = identification_metrics(hits1, r, hits1, cfg.top_k)
     m2 = identification_metrics(hits2, r)
     out = {f"stage1/{k}": v for k, v in m1.items() if not k.startswith("num_")}
@@ -60,6 +66,16 @@ def evaluate_features(
     out["eval/stage1_seconds"] = ranking.stage1_seconds
     out["eval/stage2_seconds"] = ranking.stage2_seconds
     return out, ranking
+
+
+def _hits(index: Tensor, query_labels: Tensor, gallery_labels: Tensor, r: Tensor) -> Tensor:
+    """Hits ``(Q, max(L, max R))``: past the ranking (only where R counts the never-ranked own
+    image) nothing is relevant."""
+    hits = hits_from_ranking(index, query_labels, gallery_labels)
+    missing = (int(r.max()) if len(r) else 0) - hits.shape[1]
+    if missing > 0:
+        hits = torch.cat([hits, hits.new_zeros(hits.shape[0], missing)], 1)
+    return hits
 
 
 class FeatureCollector(L.Callback):

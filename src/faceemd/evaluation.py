@@ -172,8 +172,9 @@ class ScoreCache:
 
     _SETTINGS = ("top_k", "weighting", "solver", "eps", "max_iter", "tol", "check_every",
                  "log_domain", "cost_dtype", "backend", "grid")  # fmt: skip
-    # Bumped when the engine's numbers change beyond tol (v2: int8 cost, numba backend).
-    _ENGINE = 2
+    # Bumped when the engine's numbers change beyond tol (v2: int8 cost, numba backend; v3:
+    # apc/cc/sc follow the public code, the printed forms are apc_dot/cc_dot/sc_eq8).
+    _ENGINE = 3
 
     def __init__(self, cache: FeatureCache | None, feats: dict, rerank: RerankConfig) -> None:
         keys = [f.key for f in feats.values()]
@@ -354,7 +355,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
         # every process ranks its block of queries (one block without a process group)
         scores = ScoreCache(cache, feats, rerank)
-        results, ranking = evaluate_features(query, gallery, rerank, same, scores.lookup)
+        r_counts_query = bool((cfg.get("metrics") or {}).get("r_counts_query", False))
+        results, ranking = evaluate_features(
+            query, gallery, rerank, same, scores.lookup, r_counts_query
+        )
         if is_zero:
             scores.store(ranking)
         results["eval/cached_stage2"] = int(scores.hit)

@@ -31,11 +31,18 @@ __all__ = [
 
 
 def relevant_counts(
-    query_labels: Tensor, gallery_labels: Tensor, exclude: Tensor | None = None
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    exclude: Tensor | None = None,
+    count_query: bool = False,
 ) -> Tensor:
     """R per query ``(Q,)``: gallery items with the query's label, minus its own image.
 
     exclude: optional ``(Q,)`` gallery row of each query's own image (-1 for none).
+    count_query: the public DeepFace-EMD code's definition (``utils/metrics.py``), with which
+    the paper's RP / MAP@R on query-equals-gallery protocols were computed: the query's own
+    image, though never ranked, still counts in R, so RP and MAP@R cannot reach 1. A query
+    with no other relevant image keeps R = 0 (excluded, as in the default definition).
     """
     labels = torch.cat([query_labels, gallery_labels])
     _, inverse = torch.unique(labels, return_inverse=True)
@@ -46,7 +53,8 @@ def relevant_counts(
         own = exclude >= 0
         same = torch.zeros_like(own)
         same[own] = gallery_labels[exclude[own]] == query_labels[own]
-        r = r - same.long()
+        others = r - same.long()
+        r = torch.where(others > 0, r, 0) if count_query else others
     return r
 
 

@@ -21,7 +21,7 @@ from faceemd.emd.cost import patch_cosine, quantize_patches
 from faceemd.emd.exact import exact_emd
 from faceemd.emd.mapping import release, shared_file_mapping
 from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
-from faceemd.emd.weights import WEIGHTINGS, compute_weights
+from faceemd.emd.weights import WEIGHTINGS, compute_weights, weight_probe
 
 __all__ = [
     "FeatureBank",
@@ -349,7 +349,7 @@ def emd_problems(
             candidate_norms = torch.linalg.vector_norm(candidate_patches.float(), dim=-1)
         codes, candidate_scales = quantize_patches(candidate_patches.reshape(b * k, r2, c))
         codes, candidate_scales = codes.view(b, k, r2, c), candidate_scales.view(b, k, r2)
-    probe = _weight_probe(cfg.weighting, query_patches, query_embedding)
+    probe = weight_probe(cfg.weighting, query_patches, query_embedding)
     if probe is not None and candidate_norms is None:
         probe = None  # without the norms the cosines cannot give <g_j, p>; weights read g
     dtype = _DTYPES.get(cfg.cost_dtype)
@@ -357,7 +357,7 @@ def emd_problems(
     candidate_probe = None
     if probe is not None:
         sim, probe_cos = sim
-        candidate_probe = probe_cos[:, :, 0] * candidate_norms.float()
+        candidate_probe = probe_cos[:, :, 0]
     u, v = compute_weights(
         cfg.weighting,
         sim,
@@ -369,19 +369,9 @@ def emd_problems(
         candidate_lmk,
         candidate_pooled,
         candidate_probe,
+        candidate_norms,
     )
     return sim.clamp_(-1.0, 1.0), u, v
-
-
-def _weight_probe(weighting: str, query: Tensor, embedding: Tensor | None) -> Tensor | None:
-    """The query-side vector ``(B, 1, C)`` whose products with every candidate patch the APC or
-    CC weights need (mean patch, or embedding when its size is C); it rides along as one more
-    row of the patch-cosine product instead of a separate pass over the candidates."""
-    if weighting == "apc":
-        return query.float().mean(1, keepdim=True)
-    if weighting == "cc" and embedding is not None and embedding.shape[-1] == query.shape[-1]:
-        return embedding.float().unsqueeze(1)
-    return None
 
 
 def stage2_scores(

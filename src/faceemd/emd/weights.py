@@ -1,4 +1,5 @@
-"""Patch weightings for the EMD marginals (paper Sec. 2.5, Eq. 6-8) and grid pooling.
+"""Patch weightings for the EMD marginals (paper Sec. 2.5, Eq. 6-8), what each needs from the
+query (:func:`weight_probe`) and grid pooling.
 
 Every weighting returns ``(u, v)``: ``u (B, K, R)`` weights of the query patches and
 ``v (B, K, R)`` weights of the candidate patches, non-negative and summing to 1 per problem.
@@ -24,9 +25,12 @@ __all__ = [
     "landmark_density",
     "normalise_weights",
     "pool_patches",
+    "weight_probe",
 ]
 
-WEIGHTINGS = ("uniform", "apc", "cc", "sc", "sc_official", "lmk")
+# Public-code forms under the short names (the paper's tables were made with them); the
+# printed equations under explicit names (see compute_weights).
+WEIGHTINGS = ("uniform", "apc", "apc_dot", "cc", "cc_dot", "sc", "sc_eq8", "lmk")
 
 
 def normalise_weights(w: Tensor) -> Tensor:
@@ -102,6 +106,26 @@ def landmark_density(
     return normalise_weights(counts)
 
 
+def weight_probe(method: str, query: Tensor, embedding: Tensor | None) -> Tensor | None:
+    """The query-side vector ``(B, 1, C)`` whose products with every candidate patch the APC or
+    CC weights need (the query's mean patch, or its embedding when its size is C). It rides
+    along as one more row of the patch-cosine product (:func:`faceemd.emd.cost.patch_cosine`)
+    instead of a separate pass over the candidates; its cosines with the candidate patches are
+    :func:`compute_weights`' ``candidate_probe``."""
+    if method in ("apc", "apc_dot"):
+        return query.float().mean(1, keepdim=True)
+    if method in ("cc", "cc_dot") and embedding is not None and embedding.shape[-1] == query.shape[-1]:
+        return embedding.float().unsqueeze(1)
+    return None
+
+
+def _correlation(patches: Tensor, other: Tensor, cosine: bool, eq: str) -> Tensor:
+    """``<x_i, p>`` (dot form) or ``cos(x_i, p)`` (public-code form) by einsum ``eq``."""
+    if cosine:
+        patches, other = F.normalize(patches.float(), dim=-1), F.normalize(other.float(), dim=-1)
+    return torch.einsum(eq, patches.float(), other.float())
+
+
 def compute_weights(
     method: str,
     sim: Tensor,
@@ -113,55 +137,68 @@ def compute_weights(
     candidate_lmk: Tensor | None = None,
     candidate_pooled: Tensor | None = None,
     candidate_probe: Tensor | None = None,
+    candidate_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Patch weights ``(u (B, K, R), v (B, K, R))`` for one weighting ``method``.
+    """Patch weights ``(u (B, K, R), v (B, K, R'))`` for one weighting ``method``.
 
-    - ``uniform`` (Eq. 6): ``1 / R``.
-    - ``apc`` (Eq. 7): ``u_i = max(0, <q_i, mean_j g_j>)``, ``v_j = max(0, <g_j, mean_i q_i>)``.
-    - ``cc``: as APC with the other image's final embedding ``(B, D)`` / ``(B, K, D)`` in place of
-      its average-pooled grid vector (needs D = C).
-    - ``sc`` (Eq. 8): ``u_i = max(0, sum_j cos(q_i, g_j))`` and likewise for ``v``.
-    - ``sc_official``: the public code's variant, sums of cosine *distances* ``1 - cos``.
+    Which source each follows (the paper's printed equations, or the public DeepFace-EMD code
+    ``anguyen8/deepface-emd`` ``utils/emd.py`` + ``utils/extract_features.py``, which produced
+    the paper's tables):
+
+    - ``uniform`` (Eq. 6, both): ``1 / R``.
+    - ``apc`` (public code): ``u_i = max(0, cos(q_i, mean_j g_j))``,
+      ``v_j = max(0, cos(g_j, mean_i q_i))``: patches and the other image's average-pooled
+      vector are L2-normalised before they are correlated.
+    - ``apc_dot`` (Eq. 7 as printed): ``u_i = max(0, <q_i, mean_j g_j>)``, likewise ``v``:
+      the same up to a factor ``|q_i|`` per patch.
+    - ``cc`` / ``cc_dot``: as ``apc`` / ``apc_dot`` with the other image's final embedding
+      ``(B, D)`` / ``(B, K, D)`` in place of its pooled vector (needs D = C).
+    - ``sc`` (public code): ``u_i = sum_j (1 - cos(q_i, g_j))``, column sums for ``v``: sums of
+      cosine *distances*, more weight on patches unlike the other image (occluded ones), as
+      the paper's own discussion of SC describes.
+    - ``sc_eq8`` (Eq. 8 as printed): ``u_i = max(0, sum_j cos(q_i, g_j))``: sums of cosine
+      *similarities*, which order patches the opposite way.
     - ``lmk``: precomputed per-image landmark densities ``query_lmk (B, R)``,
       ``candidate_lmk (B, K, R)`` (see :func:`landmark_density`).
 
     candidate_pooled: optional precomputed ``mean_j g_j`` ``(B, K, C)`` for APC.
-    candidate_probe: optional ``(B, K, R')`` candidate-side products of APC/CC, ``<g_j, p>`` up to
-    a positive factor per problem, with ``p`` the query's mean patch (APC) or embedding (CC);
-    with it and ``candidate_pooled`` the candidates are not read (they may be int8 codes).
+    candidate_probe: optional ``(B, K, R')`` cosines ``cos(g_j, p)`` with ``p`` the query's
+    :func:`weight_probe`; with it (and ``candidate_norms (B, K, R')`` for the dot forms) and
+    ``candidate_pooled`` the candidates are not read (they may be int8 codes).
     """
     b, k, r, _ = sim.shape
     if method == "uniform":
         u = sim.new_full((b, k, r), 1.0 / r)
         v = sim.new_full((b, k, sim.shape[-1]), 1.0 / sim.shape[-1])
         return u, v
-    if method == "apc":
-        q = query.float()
-        pooled = candidates.float().mean(2) if candidate_pooled is None else candidate_pooled
-        u = torch.einsum("brc,bkc->bkr", q, pooled.float())
-        v = (
-            torch.einsum("bkrc,bc->bkr", candidates.float(), q.mean(1))
-            if candidate_probe is None
-            else candidate_probe
-        )
-    elif method == "cc":
-        if query_embedding is None or candidate_embedding is None:
-            raise ValueError("weighting 'cc' needs the query and candidate embeddings")
-        if query_embedding.shape[-1] != query.shape[-1]:
-            raise ValueError(
-                f"weighting 'cc' correlates patches (C={query.shape[-1]}) with embeddings "
-                f"(D={query_embedding.shape[-1]}); it needs D = C: choose 'apc' for this backbone"
-            )
-        u = torch.einsum("brc,bkc->bkr", query.float(), candidate_embedding.float())
-        v = (
-            torch.einsum("bkrc,bc->bkr", candidates.float(), query_embedding.float())
-            if candidate_probe is None
-            else candidate_probe
-        )
+    cosine = method in ("apc", "cc")
+    if method in ("apc", "apc_dot", "cc", "cc_dot"):
+        if method.startswith("apc"):
+            q_other = query.float().mean(1)  # (B, C): the query's pooled vector
+            g_other = candidates.float().mean(2) if candidate_pooled is None else candidate_pooled
+        else:
+            if query_embedding is None or candidate_embedding is None:
+                raise ValueError(f"weighting {method!r} needs the query and candidate embeddings")
+            if query_embedding.shape[-1] != query.shape[-1]:
+                raise ValueError(
+                    f"weighting {method!r} correlates patches (C={query.shape[-1]}) with "
+                    f"embeddings (D={query_embedding.shape[-1]}); it needs D = C: choose "
+                    "'apc' for this backbone"
+                )
+            q_other, g_other = query_embedding, candidate_embedding
+        u = _correlation(query, g_other, cosine, "brc,bkc->bkr")
+        if candidate_probe is None:
+            v = _correlation(candidates, q_other, cosine, "bkrc,bc->bkr")
+        elif cosine:
+            v = candidate_probe
+        else:
+            if candidate_norms is None:
+                raise ValueError(f"{method!r} from probe cosines needs candidate_norms")
+            v = candidate_probe * candidate_norms.float()
     elif method == "sc":
-        u, v = sim.sum(-1), sim.sum(-2)
-    elif method == "sc_official":
         u, v = (1.0 - sim).sum(-1), (1.0 - sim).sum(-2)
+    elif method == "sc_eq8":
+        u, v = sim.sum(-1), sim.sum(-2)
     elif method == "lmk":
         if query_lmk is None or candidate_lmk is None:
             raise ValueError(
