@@ -162,7 +162,9 @@ def test_onnx_backbone_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="ONNX model not found"):
         OnnxBackbone(str(tmp_path / "missing.onnx"), "emb", grid_name)
     backbone = OnnxBackbone(str(tmp_path / "user.onnx"), "emb", grid_name)
-    with pytest.raises(ValueError, match=r"expects input \(N, 3, 24, 20\) but got \(2, 3, 20, 24\)"):
+    with pytest.raises(
+        ValueError, match=r"expects input \(N, 3, 24, 20\) but got \(2, 3, 20, 24\)"
+    ):
         backbone(torch.zeros(2, 3, 20, 24))
 
 
@@ -254,13 +256,13 @@ def test_frame_change_sphereface_to_arcface_is_8_black_columns_each_side():
     """Hand-computed: the 112x112 ArcFace template is the 112x96 one shifted 8 px right."""
     image = np.random.default_rng(0).integers(1, 255, (112, 96, 3), dtype=np.uint8)
     lmk = np.array([[30.0, 51.0], [65.0, 52.0]] * 34, np.float32)
-    spec = FaceInput((112, 112), 3, 0.0, 1.0, template="arcface_112").in_frame(
-        "sphereface_112x96"
-    )
+    spec = FaceInput((112, 112), 3, 0.0, 1.0, template="arcface_112").in_frame("sphereface_112x96")
     x, moved = spec(image, lmk)
     want = np.zeros((112, 112, 3), np.uint8)
     want[:, 8:104] = image
-    torch.testing.assert_close(x, torch.from_numpy(want).permute(2, 0, 1).float(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        x, torch.from_numpy(want).permute(2, 0, 1).float(), atol=1e-3, rtol=0
+    )
     np.testing.assert_allclose(moved, lmk + [8, 0], atol=1e-4)
     with pytest.raises(ValueError, match="unknown frame"):
         spec.in_frame("lfw_250")
@@ -280,9 +282,7 @@ def test_real_sface_on_lfw_same_person_higher_and_p_at_1_far_above_chance():
             labels += [person.name] * 3
         if len(files) >= 300:
             break
-    spec = FaceInput((112, 112), 3, 0.0, 1.0, template="arcface_112").in_frame(
-        "sphereface_112x96"
-    )
+    spec = FaceInput((112, 112), 3, 0.0, 1.0, template="arcface_112").in_frame("sphereface_112x96")
     x = torch.stack([spec(read_image(f), np.zeros((68, 2), np.float32))[0] for f in files])
     emb = torch.nn.functional.normalize(SFace()(x).embedding, dim=1)
     sim = emb @ emb.T

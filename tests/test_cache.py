@@ -167,3 +167,64 @@ def test_parts_merge_into_one_mapped_entry(tmp_path, dtype):
     for got, want in zip(whole.summaries, reference.summaries, strict=True):
         assert torch.equal(got, want)
     assert shared_file_mapping(whole.patches) is not None  # mapped, not copied into memory
+
+
+# --- cached features trusted no further than they deserve (reliability issue) ---
+
+
+def test_nan_in_an_entry_is_caught_without_checksum_verification(tmp_path):
+    cache = FeatureCache(tmp_path, verify=False)
+    path = cache.save("k1", _features())
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    import json
+
+    info = json.loads(data[8:header])["embeddings"]
+    start = header + info["data_offsets"][0]
+    data[start : start + 4] = torch.tensor([float("nan")]).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    assert cache.load("k1") is None  # detected, removed, to be extracted again
+    assert not path.exists()
+
+
+def test_entries_swapped_on_disk_are_not_used(tmp_path):
+    cache = FeatureCache(tmp_path, verify=True)
+    a, b = cache.save("part-a", _features(seed=1)), cache.save("part-b", _features(seed=2))
+    a.write_bytes(b.read_bytes())  # both valid files of equal size, now in the wrong place
+    assert cache.load("part-a") is None
+    assert cache.load("part-b") is not None
+
+
+def test_content_hash_key_notices_a_same_size_same_time_replacement(tmp_path):
+    import os
+
+    import cv2
+    import numpy as np
+
+    from faceemd.data.folders import ImageFolderFaces
+
+    (tmp_path / "P").mkdir()
+    img = tmp_path / "P" / "P_0001.bmp"  # uncompressed: same size whatever the pixels
+    cv2.imwrite(str(img), np.zeros((8, 8), np.uint8))
+    faces = ImageFolderFaces(tmp_path)
+    plain, content = faces.fingerprint(), faces.fingerprint(content_hash=True)
+    st = img.stat()
+    cv2.imwrite(str(img), np.full((8, 8), 9, np.uint8))
+    assert img.stat().st_size == st.st_size
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert faces.fingerprint() == plain  # size and time only: not noticed
+    assert faces.fingerprint(content_hash=True) != content
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    import os
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    (tmp_path / "ab").mkdir()
+    stale = tmp_path / "ab" / f"abc.safetensors.tmp-{dead}"
+    live = tmp_path / "ab" / f"abd.safetensors.tmp-{os.getpid()}"
+    stale.write_bytes(b"x" * 10)
+    live.write_bytes(b"y")
+    FeatureCache(tmp_path)
+    assert not stale.exists() and live.exists()

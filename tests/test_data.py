@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from faceemd.data.datamodule import IdentificationDataModule
-from faceemd.data.folders import BadImageError, ImageFolderFaces, ImageListFaces
+from faceemd.data.folders import BadImageError, ImageFolderFaces, ImageListFaces, read_image
 from faceemd.data.occlusion import random_crop
 from faceemd.data.synthetic import SyntheticFaces
 from faceemd.data.transforms import FaceInput
@@ -118,3 +118,56 @@ def test_datamodule_shares_vocabulary_and_prepares_inputs():
     assert float(q["landmarks"][..., 0].max()) < 96
     g = torch.cat([b["label"] for b in g_loader])
     assert g.tolist() == [0, 0, 1, 1, 2, 2] and q["label"].tolist() == [0, 1, 2]
+
+
+# --- damaged and unusual image files (reliability issue) ---
+
+
+def _jpeg(path, shape=(60, 40, 3), seed=0):
+    rng = np.random.default_rng(seed)
+    image = cv2.GaussianBlur(rng.integers(0, 255, shape, dtype=np.uint8), (7, 7), 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), image)
+    return image
+
+
+def test_truncated_jpeg_is_a_bad_image_in_both_modes(tmp_path):
+    _write_lfw_tree(tmp_path)
+    bad = tmp_path / "Ann_A" / "Ann_A_0002.jpg"
+    _jpeg(bad, (200, 160, 3))
+    bad.write_bytes(bad.read_bytes()[:1000])  # libjpeg alone would only warn
+    with pytest.raises(BadImageError, match="Ann_A_0002.jpg cannot be decoded"):
+        read_image(bad)
+    skipping = ImageFolderFaces(tmp_path, on_bad_image="skip")
+    assert skipping[skipping.files.index("Ann_A/Ann_A_0002.jpg")] is None
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((20, 50, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    shown = read_image(tmp_path / "phone.jpg")
+    assert shown.shape == (50, 20, 3)  # upright: portrait
+    assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the band is now on top
+
+
+def test_16_bit_images_convert_exactly_and_huge_images_are_refused(tmp_path):
+    values = np.array([[0, 257, 32896, 65535], [514, 1000, 2000, 65535]], np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), values)
+    np.testing.assert_array_equal(read_image(tmp_path / "deep.png"), np.round(values / 257))
+    _jpeg(tmp_path / "big.jpg", (120, 100, 3))
+    with pytest.raises(BadImageError, match=r"120 pixels, above the limit of 10,000"):
+        read_image(tmp_path / "big.jpg", max_pixels=10_000)
+    assert read_image(tmp_path / "big.jpg").shape == (120, 100, 3)
+
+
+def test_empty_identity_folders_are_reported(tmp_path, caplog):
+    _write_lfw_tree(tmp_path)
+    (tmp_path / "Empty_E").mkdir()
+    with caplog.at_level("WARNING"):
+        ImageFolderFaces(tmp_path)
+    assert "1 identity folder(s) hold no image" in caplog.text and "Empty_E" in caplog.text

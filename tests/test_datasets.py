@@ -253,3 +253,34 @@ def test_train_faces_use_precomputed_masked_copies(tmp_path):
     never = TrainFaces(faces, {"Ann": 0}, spec, None, str(tmp_path / "masked"), p_masked_copy=0.0)
     assert float(always[0]["image"].abs().max()) == 0.0
     assert float(never[0]["image"].abs().max()) > 0.0 and never[0]["label"] == 0
+
+
+def test_occluded_copies_of_absolute_list_entries_stay_in_their_folder(tmp_path):
+    """An image list naming files by absolute path (or with ..): the masked copies are
+    written inside the occluded set's folder and the originals keep their bytes."""
+    people = tmp_path / "faces"
+    source_set = SyntheticFaces(2, 2, seed=3)
+    lines = []
+    for i in range(len(source_set)):
+        image, name, lmk = source_set[i]
+        path = people / name / f"{name}_{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), image)
+        entry = str(path) if i % 2 == 0 else f"../faces/{name}/{path.name}"
+        lines.append(f"{entry},{name}")
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "list.txt").write_text("\n".join(lines) + "\n")
+    before = {p: p.read_bytes() for p in people.rglob("*.png")}
+    source = ImageListFaces(tmp_path / "lists", tmp_path / "lists" / "list.txt")
+    occluded = OccludedFaces(source, "crop", tmp_path / "out", seed=0)
+    assert len(occluded) == 4
+    assert {p: p.read_bytes() for p in people.rglob("*.png")} == before
+    written = [occluded.root / rel for rel in occluded.files]
+    assert all(p.is_file() and p.resolve().is_relative_to(occluded.root.resolve()) for p in written)
+
+
+def test_align_refuses_a_destination_overlapping_the_source(tmp_path):
+    (tmp_path / "src" / "P").mkdir(parents=True)
+    for dst in (tmp_path / "src", tmp_path / "src" / "aligned", tmp_path):
+        with pytest.raises(ValueError, match="overlaps the source"):
+            align_folder(tmp_path / "src", dst)

@@ -83,22 +83,50 @@ def _blocks(arr: np.ndarray, fh=None):
         left -= len(block)
 
 
-def _digest(arrays: dict, path: Path | None = None) -> str:
-    """SHA-256 over the name, dtype, shape and bytes of each tensor/array, in name order; with
-    ``path``, memory-mapped arrays are read from that file."""
+def _scan(arrays: dict, path: Path | None = None, digest: bool = True, finite=()) -> tuple:
+    """One pass over the tensors/arrays, in name order: ``(SHA-256 over name, dtype, shape and
+    bytes, or None without ``digest``; the first of the ``finite`` names holding a NaN/Inf, or
+    None)``. With ``path``, memory-mapped arrays are read from that file."""
     h = hashlib.sha256()
+    bad = None
     fh = open(path, "rb") if path is not None else None
     try:
         for name in sorted(arrays):
             arr = arrays[name]
             arr = arr.numpy() if isinstance(arr, torch.Tensor) else arr
+            check = name in finite and bad is None and arr.dtype.kind == "f"
+            if not (digest or check):
+                continue
             h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
             for block in _blocks(arr, fh):
-                h.update(block)
+                if digest:
+                    h.update(block)
+                if check and not np.isfinite(np.frombuffer(block, arr.dtype)).all():
+                    bad, check = name, False
     finally:
         if fh is not None:
             fh.close()
-    return h.hexdigest()
+    return (h.hexdigest() if digest else None), bad
+
+
+def _digest(arrays: dict, path: Path | None = None) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of each tensor/array (see :func:`_scan`)."""
+    return _scan(arrays, path)[0]
+
+
+# Values that must be finite in an entry (landmarks are NaN where unknown).
+_FINITE = ("embeddings", "patches", "patch_norms", "patch_means", "emd")
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class FeatureCache:
@@ -118,6 +146,18 @@ class FeatureCache:
         self.dtype = dtype
         self.mmap = mmap
         self.verify = verify
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete ``*.tmp-<pid>`` files whose writer is no longer running (killed writes; a
+        gallery part is gigabytes). Files of live processes are left alone."""
+        if not self.root.is_dir():
+            return
+        for tmp in self.root.glob("*/*.tmp-*"):
+            pid = tmp.name.rsplit(".tmp-", 1)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                log.info("cache: removed %s, left by a process that no longer runs", tmp)
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
@@ -125,7 +165,7 @@ class FeatureCache:
     def _write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
         """Atomic write of one entry (temporary file + rename) with a SHA-256 of its tensors."""
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        meta = {**meta, "sha256": _digest(tensors)}
+        meta = {**meta, "key": key, "sha256": _digest(tensors)}
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -143,8 +183,13 @@ class FeatureCache:
             return None
         try:
             arrays, meta = _read_safetensors(path, names)
-            if self.verify and _digest(arrays, path) != meta.get("sha256"):
+            if meta.get("key") != key:  # e.g. two entries' files swapped or copied over
+                raise ValueError(f"the file holds entry {meta.get('key')!r}, not this one")
+            digest, bad = _scan(arrays, path, self.verify, _FINITE)
+            if self.verify and digest != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
+            if bad is not None:
+                raise ValueError(f"non-finite values in {bad!r}")
         except (ValueError, KeyError, OSError, struct.error, json.JSONDecodeError) as err:
             log.warning(
                 "cache: entry %s is unreadable or corrupt (%s); deleting it and computing it again",
@@ -237,6 +282,7 @@ class FeatureCache:
             "image_size": json.dumps(list(first.image_size)),
             "skipped": str(sum(int(f.skipped) for _, f in parts)),
             "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
+            "key": key,
         }
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)

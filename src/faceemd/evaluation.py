@@ -8,9 +8,12 @@ folder. W&B is always finished, also on errors, so that each job of a multirun g
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -105,18 +108,24 @@ def build_cache(cfg: DictConfig | None) -> FeatureCache | None:
 
 
 def feature_ingredients(
-    weights_sha256: str, faces, backbone_cfg: DictConfig, store_dtype: str, warp=None
+    weights_sha256: str,
+    faces,
+    backbone_cfg: DictConfig,
+    store_dtype: str,
+    warp=None,
+    content_hash: bool = False,
 ) -> dict | None:
     """What determines a set's features (the cache key), or None if the set has no
     fingerprint (then it is not cached). weights_sha256: :func:`state_dict_digest`; warp: the
-    frame-to-input matrix of :meth:`FaceInput.in_frame` (None: resize only)."""
+    frame-to-input matrix of :meth:`FaceInput.in_frame` (None: resize only); content_hash:
+    key file-backed sets by their files' bytes instead of sizes and times."""
     if not hasattr(faces, "fingerprint"):
         log.warning("%s has no fingerprint(); its features are not cached", type(faces).__name__)
         return None
     return {
         "backbone": OmegaConf.to_container(backbone_cfg.net, resolve=True),
         "weights_sha256": weights_sha256,
-        "set": faces.fingerprint(),
+        "set": faces.fingerprint(content_hash=True) if content_hash else faces.fingerprint(),
         "input": OmegaConf.to_container(backbone_cfg.input, resolve=True),
         "flip_test": bool(backbone_cfg.flip_test),
         "store_dtype": store_dtype,
@@ -222,7 +231,12 @@ def load_or_extract(
         ingredients = None
         if cache is not None:
             ingredients = feature_ingredients(
-                digest, faces, cfg.backbone, cache.dtype, datamodule.face_input.warp
+                digest,
+                faces,
+                cfg.backbone,
+                cache.dtype,
+                datamodule.face_input.warp,
+                bool(cfg.cache.get("content_hash", False)),
             )
         for a, b in _parts(len(faces), chunk):
             part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
@@ -333,17 +347,73 @@ def log_figures(loggers: list, figures: list[Path]) -> None:
             lg.log_image(key="visualize", images=[str(p) for p in figures], step=0)
 
 
+def check_job_settings(cfg: DictConfig, datamodule, rerank: RerankConfig) -> RerankConfig:
+    """Settings that would fail or mislead only after the extraction, checked before it:
+    ``visualize.queries`` ids, ``optimized_metric``, and a ``top_k`` deeper than the gallery
+    (capped with a warning). Returns the rerank settings to use."""
+    n_query = len(datamodule.query)
+    bad = [q for q in (cfg.get("visualize") or {}).get("queries") or [] if not 0 <= q < n_query]
+    if bad:
+        raise ValueError(f"visualize.queries {bad} are not query ids (0..{n_query - 1})")
+    metric = cfg.get("optimized_metric")
+    if metric and not METRIC_KEY.fullmatch(metric):
+        raise ValueError(
+            f"optimized_metric {metric!r} is not a metric of this job; use stage1/ or stage2/ "
+            "followed by p_at_1, r_precision, map_at_r (or stage1/max_precision_at_k)"
+        )
+    gallery = n_query - 1 if datamodule.same_images else len(datamodule.gallery)
+    if rerank.top_k > gallery:
+        log.warning(
+            "rerank.top_k=%d is deeper than the %d gallery items a query can be ranked "
+            "against: using top_k=%d",
+            rerank.top_k,
+            gallery,
+            gallery,
+        )
+        rerank = dataclasses.replace(rerank, top_k=max(gallery, 0))
+    return rerank
+
+
+METRIC_KEY = re.compile(r"stage[12]/(p_at_1|r_precision|map_at_r)|stage1/max_precision_at_k")
+
+
+def skipped_images(feats: dict[str, ExtractedFeatures], sets: dict) -> dict[str, list[str]]:
+    """Names of the images each set skipped (positions without a feature row)."""
+    out = {}
+    for name, f in feats.items():
+        faces = sets[name]
+        missing = sorted(set(range(len(faces))) - set(f.index.tolist()))
+        files = getattr(faces, "files", None)
+        out[name] = [files[i] if files is not None else f"#{i}" for i in missing]
+    return out
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` atomically: a killed job or a full disk leaves the old file or none,
+    never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     """Run one evaluation job; returns the metrics dict (also written to metrics.json).
 
-    On processes other than rank 0 of a distributed run it returns an empty dict after the
-    sharded extraction.
+    ``metrics.json`` is written as soon as the ranking is done; what follows (the stage-2
+    score cache, figures) is optional and only warns when it fails. On processes other than
+    rank 0 of a distributed run it returns an empty dict after the sharded extraction.
     """
     L.seed_everything(cfg.seed, workers=True)
     rerank = rerank_config(cfg.rerank)
     backbone = build_backbone(cfg.backbone)
     datamodule = instantiate(cfg.data, face_input=build_face_input(cfg.backbone))
     datamodule.setup("test")
+    rerank = check_job_settings(cfg, datamodule, rerank)
+    out_dir = Path(cfg.paths.output_dir)
     loggers = build_loggers(cfg.get("logger"))
     try:
         for lg in loggers:
@@ -359,23 +429,40 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         results, ranking = evaluate_features(
             query, gallery, rerank, same, scores.lookup, r_counts_query
         )
-        if is_zero:
-            scores.store(ranking)
         results["eval/cached_stage2"] = int(scores.hit)
         if not is_zero:
             return {}
         results.update(counters)
+        sets = {"query": datamodule.query, "gallery": datamodule.gallery}
+        skipped = {k: v for k, v in skipped_images(feats, sets).items() if v}
+        config = OmegaConf.to_container(cfg, resolve=True)
+        write_json(out_dir / "metrics.json", {"metrics": results, "config": config})
+        log.info("metrics written to %s", out_dir / "metrics.json")
+        if skipped:
+            write_json(out_dir / "skipped_images.json", skipped)
+            for name, files in skipped.items():
+                log.warning(
+                    "%s set: %d image(s) skipped: %s", name, len(files), ", ".join(files[:20])
+                )
         for lg in loggers:
             lg.log_metrics({k: float(v) for k, v in results.items()}, step=0)
             lg.save()
-        figures = render_figures(cfg, datamodule, feats, query, gallery, ranking, rerank)
-        log_figures(loggers, figures)
+        _optional("storing the stage-2 scores in the cache", scores.store, ranking)
+        figures = _optional(
+            "drawing the ranking figures",
+            render_figures, cfg, datamodule, feats, query, gallery, ranking, rerank,
+        )  # fmt: skip
+        _optional("logging the figures", log_figures, loggers, figures or [])
     finally:
         finish_loggers()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    payload = {"metrics": results, "config": OmegaConf.to_container(cfg, resolve=True)}
-    (out_dir / "metrics.json").write_text(json.dumps(payload, indent=2))
     print_results(results, f"{cfg.task_name}: {cfg.data_name} / {cfg.backbone.name}")
-    log.info("metrics written to %s", out_dir / "metrics.json")
     return results
+
+
+def _optional(what: str, step, *args):
+    """Run a step that comes after the metrics were saved; a failure only warns."""
+    try:
+        return step(*args)
+    except Exception as err:  # noqa: BLE001 - the results are saved; say what was not done
+        log.warning("%s failed (%s: %s); the metrics are saved", what, type(err).__name__, err)
+        return None

@@ -49,11 +49,16 @@ def collect(folder: str | Path) -> list[dict]:
     for f in files:
         try:
             payload = json.loads(f.read_text())
-        except json.JSONDecodeError as err:
+            if not isinstance(payload, dict):
+                raise ValueError(f"a JSON {type(payload).__name__}, not an object")
+            config, metrics = payload.get("config", {}), payload.get("metrics")
+            if not isinstance(config, dict) or not isinstance(metrics, dict):
+                raise ValueError("no 'metrics' and 'config' objects")
+            row = _settings(config)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as err:
             print(f"skipping unreadable {f}: {err}", file=sys.stderr)
             continue
-        row = _settings(payload.get("config", {}))
-        row.update(payload.get("metrics", {}))
+        row.update(metrics)
         row["job"] = str(f.parent.relative_to(folder)) if f.parent != folder else "."
         rows.append(row)
     rows.sort(key=lambda r: tuple(str(r[k]) for k in SETTINGS))

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
@@ -25,7 +27,7 @@ from faceemd.evaluation import build_callbacks, build_loggers, finish_loggers, r
 from faceemd.models.build import build_face_input
 from faceemd.models.recognizer import FaceRecognizer
 
-__all__ = ["SaveOnInterrupt", "export_backbone", "run_training"]
+__all__ = ["SaveOnInterrupt", "check_resume_checkpoint", "export_backbone", "run_training"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,25 @@ class SaveOnInterrupt(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         log.warning("%s stopped the run: saved %s", type(exception).__name__, self.path)
+
+
+def check_resume_checkpoint(path: str | Path) -> str:
+    """``ckpt_path`` must be a Lightning checkpoint written by train.py (read with
+    ``weights_only=True``); anything else gets a message saying what it is and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path {path} not found (a train.py last.ckpt resumes a run)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"ckpt_path {path} cannot be read as a checkpoint: {err}") from err
+    if not isinstance(obj, dict) or "pytorch-lightning_version" not in obj:
+        raise ValueError(
+            f"ckpt_path {path} is not a Lightning training checkpoint (a plain state dict?). "
+            "To start from backbone weights use backbone.weights=<file>; ckpt_path resumes a "
+            "train.py run from its checkpoints/last.ckpt"
+        )
+    return str(path)
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
@@ -81,11 +102,16 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         filename="best-{epoch:03d}-{step:06d}",
         monitor=cfg.monitor if has_val else None,
         mode="max",
-        save_last=True,
         save_top_k=1,
     )
+    # last.ckpt: the most recent state after every epoch, whether or not validation improved
+    # (Lightning's save_last only follows the saves of the best checkpoint).
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None, enable_version_counter=False
+    )
     loggers = build_loggers(cfg.get("logger"))
-    callbacks = [checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt")]
+    last_path = ckpt_dir / "last.ckpt"
+    callbacks = [checkpoint, last, SaveOnInterrupt(last_path)]
     if loggers:  # the learning-rate monitor needs a logger to write to
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if has_val:
@@ -95,8 +121,15 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for lg in loggers:
             lg.log_hyperparams(container)
-        resume = {"ckpt_path": cfg.ckpt_path} if cfg.get("ckpt_path") else {}
-        trainer.fit(model, datamodule=datamodule, **resume)
+        resume = (
+            {"ckpt_path": check_resume_checkpoint(cfg.ckpt_path)} if cfg.get("ckpt_path") else {}
+        )
+        try:
+            trainer.fit(model, datamodule=datamodule, **resume)
+        except SIGTERMException as err:  # a SystemExit with status 0 otherwise
+            # last.ckpt is saved (SaveOnInterrupt); a scheduler must not see a success
+            log.warning("stopped by SIGTERM: %s holds the state; exit status 143", last_path)
+            raise SystemExit(128 + signal.SIGTERM) from err
     finally:
         finish_loggers()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -195,6 +195,12 @@ def align_folder(
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"source folder not found: {src}")
+    s_abs, d_abs = src.resolve(), dst.resolve()
+    if d_abs == s_abs or d_abs.is_relative_to(s_abs) or s_abs.is_relative_to(d_abs):
+        raise ValueError(
+            f"destination {dst} overlaps the source {src}: aligned images would overwrite the "
+            "originals; choose a folder outside the source"
+        )
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
     files = sorted(

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
 from collections import Counter
 from pathlib import Path
 
-import cv2
 import numpy as np
+from PIL import Image, ImageOps
 
 __all__ = [
     "BadImageError",
@@ -32,6 +33,7 @@ __all__ = [
     "ImageFolderFaces",
     "ImageListFaces",
     "LABEL_PATTERNS",
+    "MAX_PIXELS",
     "read_image",
     "read_landmarks",
 ]
@@ -44,27 +46,62 @@ LABEL_PATTERNS = {
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
+log = logging.getLogger(__name__)
+
 
 class BadImageError(ValueError):
     """An image file is missing or cannot be decoded."""
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode ``path`` to uint8 ``(H, W)`` (grayscale) or ``(H, W, 3)`` RGB."""
-    data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if data is None:
-        reason = "missing" if not path.exists() else "cannot be decoded (corrupt or not an image)"
+# Larger images are refused before they are decoded (a 20000 x 20000 JPEG of 6 MB decodes to
+# 1.2 GB); face sets take ``max_pixels`` to change it.
+MAX_PIXELS = 40_000_000
+
+
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode ``path`` to uint8 ``(H, W)`` (grayscale) or ``(H, W, 3)`` RGB, as a viewer shows it.
+
+    A missing, corrupt or *truncated* file (libjpeg only warns about a premature end: the
+    rest of the image would be grey) is a :class:`BadImageError` naming it, as is an image
+    of more than ``max_pixels`` pixels (checked from the header, before decoding). The EXIF
+    orientation tag is applied (a phone photo stored sideways comes out upright); 16-bit
+    images are converted exactly (``round(x / 257)``), not stretched per image; palette,
+    alpha and CMYK images become RGB.
+    """
+    hint = "fix or remove it, or set data.on_bad_image=skip to skip it"
+    if not path.is_file():
+        raise BadImageError(f"image {path} missing; {hint}")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise BadImageError(
+                    f"image {path} is {im.width}x{im.height} pixels, above the limit of "
+                    f"{max_pixels:,} (max_pixels of the data set); downscale it or raise the limit"
+                )
+            im.load()  # raises on a truncated or corrupt file
+            im = ImageOps.exif_transpose(im)
+            data = _to_uint8(im)
+    except BadImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImageError(
-            f"image {path} {reason}; fix or remove it, or set data.on_bad_image=skip to skip it"
-        )
-    if data.dtype != np.uint8:
-        data = cv2.normalize(data, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
-    if data.ndim == 3 and data.shape[2] == 1:
-        data = data[..., 0]
-    if data.ndim == 3:
-        code = cv2.COLOR_BGRA2RGB if data.shape[2] == 4 else cv2.COLOR_BGR2RGB
-        data = cv2.cvtColor(data, code)
+            f"image {path} cannot be decoded ({err.__class__.__name__}: {err}); {hint}"
+        ) from err
     return data
+
+
+def _to_uint8(im: Image.Image) -> np.ndarray:
+    """Grayscale ``(H, W)`` or RGB ``(H, W, 3)`` uint8 from any Pillow mode."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        x = np.asarray(im, dtype=np.float64)
+        if x.min() < 0 or x.max() > 65535:
+            raise ValueError(f"integer image values outside 0..65535 (mode {im.mode})")
+        return np.round(x / 257.0).astype(np.uint8)
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im, dtype=np.uint8).copy()
+    if im.mode in ("1", "LA"):
+        return np.asarray(im.convert("L"), dtype=np.uint8).copy()
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def read_landmarks(tsv: Path) -> dict[str, np.ndarray]:
@@ -84,13 +121,20 @@ def read_landmarks(tsv: Path) -> dict[str, np.ndarray]:
 class _FileFaces:
     """Shared item loading for file-backed sets: ``self.files``, ``self.labels``, landmarks."""
 
-    def __init__(self, root: str | Path, on_bad_image: str, landmarks: str | None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        on_bad_image: str,
+        landmarks: str | None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.on_bad_image = on_bad_image
+        self.max_pixels = int(max_pixels)
         tsv = self.root / "landmarks68.tsv" if landmarks is None else Path(landmarks)
         self.landmarks: dict[str, np.ndarray] = read_landmarks(tsv) if tsv.is_file() else {}
         self.files: list[str] = []
@@ -123,14 +167,19 @@ class _FileFaces:
         self.files = [f for f, _ in kept]
         self.labels = [lb for _, lb in kept]
 
-    def fingerprint(self) -> dict:
+    def fingerprint(self, content_hash: bool = False) -> dict:
         """Manifest digest (relative path, label, size, mtime of every file, landmarks) that
-        keys the feature cache: editing, adding or removing an image changes it."""
+        keys the feature cache: editing, adding or removing an image changes it.
+        content_hash: use each file's SHA-256 instead of its size and time (reads every file;
+        notices an image replaced by one of the same size and time)."""
         h = hashlib.sha256()
         for rel, label in zip(self.files, self.labels, strict=True):
             try:
-                st = (self.root / rel).stat()
-                stamp = f"{st.st_size}:{st.st_mtime_ns}"
+                if content_hash:
+                    stamp = hashlib.sha256((self.root / rel).read_bytes()).hexdigest()
+                else:
+                    st = (self.root / rel).stat()
+                    stamp = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 stamp = "missing"
             h.update(f"{rel}\t{label}\t{stamp}\n".encode())
@@ -141,14 +190,16 @@ class _FileFaces:
             "root": str(self.root.resolve()),
             "manifest_sha256": h.hexdigest(),
             "on_bad_image": self.on_bad_image,
+            "content_hash": content_hash,
         }
 
     def __getitem__(self, index: int):
         rel = self.files[index]
         try:
-            image = read_image(self.root / rel)
-        except BadImageError:
+            image = read_image(self.root / rel, self.max_pixels)
+        except BadImageError as err:
             if self.on_bad_image == "skip":
+                log.warning("skipping a bad image: %s", err)
                 return None
             raise
         lmk = self.landmarks.get(rel)
@@ -170,8 +221,9 @@ class ImageFolderFaces(_FileFaces):
         min_images_per_identity: int = 1,
         on_bad_image: str = "error",
         landmarks: str | None = None,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
-        super().__init__(root, on_bad_image, landmarks)
+        super().__init__(root, on_bad_image, landmarks, max_pixels)
         empty = []
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
             images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -182,6 +234,13 @@ class ImageFolderFaces(_FileFaces):
             self.labels += [folder.name] * len(images)
         self._keep_identities(min_images_per_identity)
         self.empty_identities = empty
+        if empty:
+            log.warning(
+                "%s: %d identity folder(s) hold no image and are left out: %s",
+                self.root,
+                len(empty),
+                ", ".join(empty[:10]),
+            )
         if not self.files:
             raise ValueError(
                 f"no identity folder with >= {min_images_per_identity} image(s) under {self.root}"
@@ -198,8 +257,9 @@ class ImageListFaces(_FileFaces):
         list_file: str | Path,
         on_bad_image: str = "error",
         landmarks: str | None = None,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
-        super().__init__(root, on_bad_image, landmarks)
+        super().__init__(root, on_bad_image, landmarks, max_pixels)
         list_file = Path(list_file)
         if not list_file.is_file():
             raise FileNotFoundError(f"image list not found: {list_file}")
@@ -233,8 +293,9 @@ class FlatFolderFaces(_FileFaces):
         min_images_per_identity: int = 1,
         on_bad_image: str = "error",
         landmarks: str | None = None,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
-        super().__init__(root, on_bad_image, landmarks)
+        super().__init__(root, on_bad_image, landmarks, max_pixels)
         regex = re.compile(LABEL_PATTERNS.get(label_pattern, label_pattern))
         if "name" not in regex.groupindex:
             raise ValueError(f"label_pattern {label_pattern!r} has no (?P<name>...) group")
@@ -297,10 +358,11 @@ class CfpFaces(_FileFaces):
         pose: str = "frontal",
         on_bad_image: str = "error",
         landmarks: str | None = None,
+        max_pixels: int = MAX_PIXELS,
     ) -> None:
         if pose not in ("frontal", "profile"):
             raise ValueError(f"pose must be 'frontal' or 'profile', got {pose!r}")
-        super().__init__(root, on_bad_image, landmarks)
+        super().__init__(root, on_bad_image, landmarks, max_pixels)
         images = self.root / "Data" / "Images"
         if not images.is_dir():
             raise FileNotFoundError(f"{images} not found: is {self.root} the CFP root folder?")

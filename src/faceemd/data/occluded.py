@@ -82,10 +82,18 @@ class OccludedFaces(_FileFaces):
         self._materialise()
 
     def _relpath(self, index: int) -> str:
+        """The occluded copy's path inside this set's folder, derived from the source's: the
+        same relative path for a plain relative one; for an absolute path or one that climbs
+        out (``..``) a name under ``_outside/`` with a hash of the source path, so no written
+        file can land outside the folder or on a source image."""
         files = getattr(self.source, "files", None)
-        if files is not None:
-            return str(Path(files[index]).with_suffix(".png"))
-        return f"{self._source_names[index]}/{index:06d}.png"
+        if files is None:
+            return f"{self._source_names[index]}/{index:06d}.png"
+        src = Path(files[index])
+        if src.is_absolute() or ".." in src.parts or not src.parts:
+            digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
+            return f"_outside/{digest}-{src.stem}.png"
+        return str(src.with_suffix(".png"))
 
     def _landmarks_for(self, image: np.ndarray, lmk: np.ndarray, rel: str) -> np.ndarray:
         if lmk is not None and np.isfinite(lmk).all():
@@ -115,7 +123,10 @@ class OccludedFaces(_FileFaces):
             lmk = self._landmarks_for(image, lmk, rel)
         rng = np.random.default_rng([self.seed, zlib.crc32(rel.encode())])
         out, new_lmk = apply_occlusion(image, lmk, self.occlusion, rng)
-        write_image(self.root / rel, out)
+        target = (self.root / rel).resolve()
+        if not target.is_relative_to(self.root.resolve()):  # e.g. a symlinked folder inside
+            raise ValueError(f"refusing to write {target}: outside {self.root}")
+        write_image(target, out)
         entry = {"rel": rel, "label": label, "status": "ok", "source_index": index}
         if new_lmk is not None and np.isfinite(new_lmk).all():
             entry["landmarks"] = landmark_list(new_lmk)

@@ -94,6 +94,20 @@ class RerankConfig:
         )
 
     def __post_init__(self) -> None:
+        for name, kind in (("alpha", float), ("eps", float), ("tol", float), ("top_k", int),
+                           ("max_iter", int), ("check_every", int)):  # fmt: skip
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool) or kind(value) != float(value):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"rerank.{name} must be {'a number' if kind is float else 'an integer'}, "
+                    f"got {value!r}"
+                ) from None
+            setattr(self, name, kind(value))
+        if self.tol < 0:
+            raise ValueError(f"rerank.tol must be >= 0 (an L1 marginal error), got {self.tol}")
         self.sinkhorn_settings()  # validates eps, max_iter, check_every, backend
         if self.grid is not None:
             self.grid = tuple(int(g) for g in self.grid)

@@ -114,7 +114,11 @@ def weight_probe(method: str, query: Tensor, embedding: Tensor | None) -> Tensor
     :func:`compute_weights`' ``candidate_probe``."""
     if method in ("apc", "apc_dot"):
         return query.float().mean(1, keepdim=True)
-    if method in ("cc", "cc_dot") and embedding is not None and embedding.shape[-1] == query.shape[-1]:
+    if (
+        method in ("cc", "cc_dot")
+        and embedding is not None
+        and embedding.shape[-1] == query.shape[-1]
+    ):
         return embedding.float().unsqueeze(1)
     return None
 

@@ -15,7 +15,12 @@ def build_backbone(cfg: DictConfig):
     """Instantiate ``cfg.net`` and, when ``cfg.weights`` is set, load it strictly."""
     net = instantiate(cfg.net)
     if cfg.get("weights"):
-        load_backbone_weights(net, cfg.weights, ignore_keys=list(cfg.get("ignore_keys") or []))
+        load_backbone_weights(
+            net,
+            cfg.weights,
+            ignore_keys=list(cfg.get("ignore_keys") or []),
+            strip_prefixes=list(cfg.get("strip_prefixes") or ["module."]),
+        )
     return net.eval()
 
 

@@ -53,6 +53,31 @@ def read_state_dict(path: str | Path, strip_prefixes: Sequence[str] = ("module."
     return out
 
 
+def _advice(found: set[str], wanted: set[str]) -> str:
+    """What to do about a key mismatch: a train.py checkpoint points to its export, a
+    consistent extra prefix to ``strip_prefixes``, anything else to the config."""
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in found if "." in k}):
+        stripped = {k[len(prefix) :] for k in found if k.startswith(prefix)}
+        if wanted <= stripped:
+            if prefix == "backbone.":
+                return (
+                    "this looks like a train.py checkpoint: evaluate its exported backbone, "
+                    "<run folder>/export/backbone.pt (python -c 'from faceemd.training import "
+                    'export_backbone; export_backbone("<ckpt>", "backbone.pt")\' writes one), '
+                    "or set backbone.strip_prefixes=[backbone.] and "
+                    "backbone.ignore_keys=[head.]"
+                )
+            return (
+                f"the file's keys carry the prefix {prefix!r}: set "
+                f"backbone.strip_prefixes=[{prefix}] (ignore_keys drops keys, it does not "
+                "rename them)"
+            )
+    return (
+        "check that backbone=... matches the checkpoint; list key prefixes to drop in "
+        "backbone.ignore_keys, or prefixes to remove in backbone.strip_prefixes"
+    )
+
+
 def _is_tensor_dict(obj: dict) -> bool:
     return bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -82,10 +107,7 @@ def load_backbone_weights(
             parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}")
         if shapes:
             parts.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:6])}")
-        parts.append(
-            "check backbone=... matches the checkpoint, or list extra key prefixes in "
-            "backbone.ignore_keys"
-        )
+        parts.append(_advice(set(state), set(own)))
         raise ValueError("\n  ".join(parts))
     module.load_state_dict(state, strict=True)
     return module

@@ -5,7 +5,9 @@
 returns features that :class:`faceemd.callbacks.RerankEvaluation` ranks (masked queries vs a
 clean gallery), logging ``stage1/*`` and ``stage2/*``. Every constructor argument is a plain
 mapping saved as hyperparameters, so ``FaceRecognizer.load_from_checkpoint(path)`` needs no
-extra argument. Pretrained backbone weights (``backbone.weights``) are loaded in ``setup`` of a
+extra argument; the classes its saved hyper-parameters name (Hydra ``_target_``) must come from
+an allow-list (:data:`ALLOWED_TARGETS`, extendable per call), so a crafted checkpoint cannot
+make loading call arbitrary functions. Pretrained backbone weights (``backbone.weights``) are loaded in ``setup`` of a
 fit, before Lightning restores a resumed checkpoint, and never on ``load_from_checkpoint``.
 """
 
@@ -21,7 +23,37 @@ from faceemd.models.checkpoint import load_backbone_weights
 from faceemd.models.extractor import extract_batch
 from faceemd.models.heads import focal_loss
 
-__all__ = ["FaceRecognizer"]
+__all__ = ["ALLOWED_TARGETS", "FaceRecognizer", "check_targets"]
+
+# Where the classes named in a training checkpoint's hyper-parameters may come from.
+ALLOWED_TARGETS = ("faceemd.models.backbones.", "faceemd.models.heads.", "torch.optim.")
+
+
+def check_targets(node, allowed: tuple[str, ...], where: str = "hyper_parameters") -> None:
+    """Raise ``ValueError`` unless every ``_target_`` in ``node`` (nested mappings and lists)
+    names a class under one of the ``allowed`` module prefixes."""
+    from hydra.utils import get_class
+
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            ok = isinstance(target, str) and target.startswith(tuple(allowed))
+            if ok:
+                try:
+                    get_class(target)
+                except Exception:  # a function, or nothing importable: not a class
+                    ok = False
+            if not ok:
+                raise ValueError(
+                    f"{where}._target_ = {target!r} is not an allowed class (allowed: classes "
+                    f"under {', '.join(allowed)}); pass allowed_targets=(...) to "
+                    "load_from_checkpoint for a checkpoint you trust"
+                )
+        for key, value in node.items():
+            check_targets(value, allowed, f"{where}.{key}")
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            check_targets(value, allowed, f"{where}[{i}]")
 
 
 class FaceRecognizer(L.LightningModule):
@@ -101,6 +133,12 @@ class FaceRecognizer(L.LightningModule):
             "lr_scheduler": {"scheduler": scheduler, "interval": interval},
         }
 
-    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        """The plain backbone state dict that ``evaluate.py backbone.weights=...`` loads."""
-        return {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()}
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, allowed_targets=(), **kwargs):
+        """Lightning's loader (``weights_only=True`` by default) after checking the classes
+        the checkpoint's hyper-parameters name against :data:`ALLOWED_TARGETS` +
+        ``allowed_targets`` (e.g. ``("mypackage.nets.",)`` for a ``backbone=torch`` run)."""
+        ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        check_targets(ckpt.get("hyper_parameters", {}), ALLOWED_TARGETS + tuple(allowed_targets))
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)

@@ -52,7 +52,10 @@ def graph_tensors(model) -> dict[str, list]:
         t = vi.type.tensor_type
         dims = None
         if t.HasField("shape"):
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            dims = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                for d in t.shape.dim
+            ]
         out[vi.name] = dims
     for node in g.node:
         for name in node.output:
@@ -178,7 +181,9 @@ class OnnxBackbone(FaceBackbone):
     def _check_input(self, x: Tensor) -> None:
         got = tuple(x.shape[1:])
         want = self.input_shape
-        if len(got) != len(want) or any(w is not None and w != g for w, g in zip(want, got)):
+        if len(got) != len(want) or any(
+            w is not None and w != g for w, g in zip(want, got, strict=True)
+        ):
             shown = tuple("N" if w is None else w for w in want)
             raise ValueError(
                 f"{self.path} expects input (N, {', '.join(map(str, shown))}) but got "
