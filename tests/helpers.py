@@ -28,3 +28,17 @@ class KillAtTestRun(L.Callback):
             import os
 
             os._exit(9)
+
+
+class SigtermAt(L.Callback):
+    """Send SIGTERM to this process (what a scheduler does) at training batch ``batch``."""
+
+    def __init__(self, batch: int = 2) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.batch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)

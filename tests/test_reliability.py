@@ -126,3 +126,99 @@ def test_finishing_a_job_without_wandb_logger_does_not_import_wandb(monkeypatch)
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     finish_loggers()  # a CSV-only job: must neither need nor load wandb
     assert "wandb" not in sys.modules
+
+
+# --- no result lost, nothing wrong used silently (reliability issue) ---
+
+
+def test_jobs_started_together_get_their_own_run_folders(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"paths.log_dir={tmp_path}", "cache=off",
+           "backbone=tiny_cnn", *SMALL]  # fmt: skip
+    jobs = [subprocess.Popen([*cmd, f"seed={s}"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for s in (1, 2)]  # fmt: skip
+    for job in jobs:
+        assert job.wait(timeout=600) == 0, job.stderr.read().decode()[-2000:]
+    files = sorted(tmp_path.glob("evaluate/runs/*/metrics.json"))
+    assert len(files) == 2 and files[0].parent != files[1].parent
+    assert sorted(json.loads(f.read_text())["config"]["seed"] for f in files) == [1, 2]
+
+
+def _compose_small(compose_evaluate, tmp_path, *extra):
+    return compose_evaluate(
+        [f"paths.log_dir={tmp_path}", "backbone=tiny_cnn", *SMALL, *extra], output_dir=tmp_path
+    )
+
+
+def test_bad_settings_are_refused_before_any_work(compose_evaluate, tmp_path):
+    from faceemd.evaluation import run_evaluation
+
+    for extra, message in (
+        (["visualize.queries=[99999]"], r"visualize.queries \[99999\] are not query ids"),
+        (["optimized_metric=stage2/accuracy"], "optimized_metric 'stage2/accuracy'"),
+        (["rerank.alpha=high"], "rerank.alpha must be a number, got 'high'"),
+        (["rerank.tol=-1"], "rerank.tol must be >= 0"),
+    ):
+        cfg = _compose_small(compose_evaluate, tmp_path, *extra)
+        with pytest.raises(ValueError, match=message):
+            run_evaluation(cfg)
+    assert not list(tmp_path.glob("cache/*/*.safetensors")), "nothing was extracted"
+
+
+def test_metrics_survive_a_failing_score_cache_and_top_k_is_capped(
+    compose_evaluate, tmp_path, monkeypatch, caplog
+):
+    """A full disk when the stage-2 scores are cached (after the ranking) only warns; a top_k
+    deeper than the 18-image gallery is capped before the extraction."""
+    from faceemd.cache import FeatureCache
+    from faceemd.evaluation import run_evaluation
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FeatureCache, "save_scores", full_disk)
+    cfg = _compose_small(compose_evaluate, tmp_path, "rerank.top_k=100")
+    with caplog.at_level("WARNING"):
+        results = run_evaluation(cfg)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["metrics"]["stage2/p_at_1"] == results["stage2/p_at_1"]
+    assert "storing the stage-2 scores in the cache failed" in caplog.text
+    assert "rerank.top_k=100 is deeper than the 18 gallery items" in caplog.text
+
+
+def test_skipped_images_are_named_in_the_run_folder(compose_evaluate, tmp_path):
+    import cv2
+
+    from faceemd.data.synthetic import SyntheticFaces
+    from faceemd.evaluation import run_evaluation
+
+    faces = SyntheticFaces(4, 3, seed=2)
+    root = tmp_path / "faces"
+    for i in range(len(faces)):
+        image, name, _ = faces[i]
+        (root / name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name / f"{name}_{i % 3:04d}.jpg"), image)
+    (root / "synth_0001" / "synth_0001_0001.jpg").write_bytes(b"not an image")
+    cfg = compose_evaluate(
+        [f"paths.log_dir={tmp_path}", "backbone=tiny_cnn", "data=lfw", f"paths.lfw_dir={root}",
+         "data.query.on_bad_image=skip", "data.num_workers=0", "rerank.top_k=3", "logger=none",
+         "trainer.enable_progress_bar=false"],
+        output_dir=tmp_path / "run",
+    )  # fmt: skip
+    results = run_evaluation(cfg)
+    assert results["eval/skipped_images"] == 1
+    listed = json.loads((tmp_path / "run" / "skipped_images.json").read_text())
+    assert listed == {"query": ["synth_0001/synth_0001_0001.jpg"]}
+
+
+def test_report_skips_a_malformed_metrics_file(tmp_path, capsys):
+    from faceemd.report import collect
+
+    good = {"metrics": {"stage1/p_at_1": 0.5}, "config": {"rerank": {"alpha": 0.7}}}
+    for job, text in (("0", json.dumps(good)), ("1", "[]"), ("2", '{"config": 3}'), ("3", "{")):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "metrics.json").write_text(text)
+    rows = collect(tmp_path)
+    assert [r["job"] for r in rows] == ["0"]
+    assert capsys.readouterr().err.count("skipping unreadable") == 3

@@ -240,3 +240,85 @@ def test_onnx_backbone_is_refused_for_finetuning(compose_train):
     cfg = OmegaConf.to_container(compose_train(["backbone=sface"]), resolve=True)
     with pytest.raises(ValueError, match="backbone=sface has no trainable parameters"):
         FaceRecognizer(cfg["backbone"], cfg["head"], 3, cfg["optimizer"])
+
+
+def _train(args, tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"paths.log_dir={tmp_path}", *TINY_TRAIN, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+def test_sigterm_saves_last_checkpoint_and_exits_non_zero(tmp_path):
+    out = _train(["+callbacks.term._target_=tests.helpers.SigtermAt", "+callbacks.term.batch=2"],
+                 tmp_path)  # fmt: skip
+    assert out.returncode == 143, out.stdout[-2000:] + out.stderr[-2000:]
+    (run_dir,) = tmp_path.glob("train/runs/*")
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] >= 2
+
+
+def test_last_checkpoint_is_the_latest_epoch_even_without_validation(compose_train, tmp_path):
+    """last.ckpt follows every epoch, not the improvements of the monitored metric (here
+    validation never runs, so the best checkpoint is never written)."""
+    from faceemd.training import run_training
+
+    cfg = compose_train(
+        ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5", *TINY_TRAIN],
+        output_dir=tmp_path,
+    )
+    run_training(cfg)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1  # the second (last) epoch, counted from 0
+
+
+def test_crafted_checkpoint_targets_are_refused(tmp_path):
+    """A checkpoint that passes weights_only=True can still name functions in its saved
+    hyper-parameters; loading must not call them."""
+    from faceemd.models.recognizer import FaceRecognizer
+
+    marker = tmp_path / "pwned.txt"
+    ckpt = {
+        "pytorch-lightning_version": "2.6.0",
+        "state_dict": {},
+        "hyper_parameters": {
+            "backbone": {
+                "net": {"_target_": "builtins.open", "file": str(marker), "mode": "w"},
+                "input": {"size": [64, 64], "channels": 1},
+            },  # fmt: skip
+            "head": {"_target_": "faceemd.models.heads.ArcFaceHead"},
+            "num_classes": 2,
+            "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1},
+        },
+    }
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="builtins.open' is not an allowed class"):
+        FaceRecognizer.load_from_checkpoint(tmp_path / "evil.ckpt")
+    ckpt["hyper_parameters"]["backbone"]["net"] = {
+        "_target_": "faceemd.models.checkpoint.read_state_dict",
+        "path": str(marker),
+    }  # an allowed package, but a function, not a class
+    torch.save(ckpt, tmp_path / "evil2.ckpt")
+    with pytest.raises(ValueError, match="not an allowed class"):
+        FaceRecognizer.load_from_checkpoint(tmp_path / "evil2.ckpt")
+    assert not marker.exists()
+
+
+def test_checkpoint_mixups_get_messages_that_say_what_to_do(tmp_path):
+    from faceemd.models.backbones import TinyFaceNet
+    from faceemd.models.checkpoint import load_backbone_weights
+    from faceemd.training import check_resume_checkpoint
+
+    state = TinyFaceNet().state_dict()
+    torch.save(state, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a Lightning training checkpoint.*backbone.weights"):
+        check_resume_checkpoint(tmp_path / "plain.pt")
+    lightning_like = {f"backbone.{k}": v for k, v in state.items()}
+    lightning_like["head.weight"] = torch.zeros(3, 128)
+    torch.save({"state_dict": lightning_like}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="train.py checkpoint.*export/backbone.pt"):
+        load_backbone_weights(TinyFaceNet(), tmp_path / "last.ckpt")
+    torch.save({f"model.{k}": v for k, v in state.items()}, tmp_path / "prefixed.pt")
+    with pytest.raises(ValueError, match=r"strip_prefixes=\[model.\]"):
+        load_backbone_weights(TinyFaceNet(), tmp_path / "prefixed.pt")
+    load_backbone_weights(TinyFaceNet(), tmp_path / "prefixed.pt", strip_prefixes=["model."])

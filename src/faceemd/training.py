@@ -107,7 +107,12 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     # last.ckpt: the most recent state after every epoch, whether or not validation improved
     # (Lightning's save_last only follows the saves of the best checkpoint).
     last = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="last", save_top_k=1, monitor=None, enable_version_counter=False
+        dirpath=ckpt_dir,
+        filename="last",
+        save_top_k=1,
+        monitor=None,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
     )
     loggers = build_loggers(cfg.get("logger"))
     last_path = ckpt_dir / "last.ckpt"
