@@ -66,6 +66,7 @@ def test_experiment_files_compose(compose_evaluate):
         # the paper's tables: embeddings of the image alone, RP/MAP@R with the public R
         assert not cfg.backbone.flip_test
         assert cfg.metrics.r_counts_query == path.stem.startswith("paper_")
+        assert list(cfg.tags), "the experiment's tags win over the root's empty list"
 
 
 def test_config_tree_has_expected_groups():
