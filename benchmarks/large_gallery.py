@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from faceemd.emd import FeatureBank, RerankConfig, two_stage_rank
-from faceemd.emd.rerank import patch_summaries
+from faceemd.emd.bank import patch_summaries
 
 
 def generate(folder: Path, size: int, dim: int, r: int, c: int, chunk: int = 20000) -> None:

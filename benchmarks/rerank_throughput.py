@@ -38,7 +38,7 @@ from faceemd.emd import (
     stage1_topk,
     stage2_rerank,
 )
-from faceemd.emd.rerank import patch_summaries, stage2_scores
+from faceemd.emd.bank import patch_summaries, stage2_scores
 
 
 def _smooth(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:

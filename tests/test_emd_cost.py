@@ -4,8 +4,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from faceemd.emd import FeatureBank, RerankConfig, patch_cosine, quantize_patches, stage1_topk
-from faceemd.emd.rerank import stage2_scores
+from faceemd.emd import (
+    FeatureBank,
+    RerankConfig,
+    patch_cosine,
+    quantize_patches,
+    stage1_topk,
+    stage2_scores,
+)
 
 
 def _patches(*shape, seed=0):

@@ -97,7 +97,7 @@ def test_bad_input_messages():
 
 
 def test_row_gather_matches_indexing_for_any_row_size():
-    from faceemd.emd.rerank import _take_rows
+    from faceemd.memory import take_rows
 
     for shape, dtype in [
         ((9, 4, 8), torch.int8),
@@ -107,15 +107,15 @@ def test_row_gather_matches_indexing_for_any_row_size():
         rows = (torch.rand(shape) * 100).to(dtype)
         index = torch.tensor([3, 0, 7, 3])
         out = torch.empty((4, *shape[1:]), dtype=dtype)
-        assert torch.equal(_take_rows(rows, index, out), rows[index])
-        assert torch.equal(_take_rows(rows[1:], index, out), rows[1:][index])  # offset storage
+        assert torch.equal(take_rows(rows, index, out), rows[index])
+        assert torch.equal(take_rows(rows[1:], index, out), rows[1:][index])  # offset storage
 
 
 def test_memory_mapped_gallery_pages_are_released_and_scores_unchanged(tmp_path):
     import numpy as np
 
-    from faceemd.emd.mapping import shared_file_mapping
-    from faceemd.emd.rerank import stage2_scores
+    from faceemd.emd import stage2_scores
+    from faceemd.memory import shared_file_mapping
 
     g = torch.Generator().manual_seed(5)
     patches = torch.randn(40, 16, 32, generator=g).relu()

@@ -7,8 +7,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from faceemd.emd import FeatureBank, RerankConfig, sinkhorn, stage1_topk, two_stage_rank
-from faceemd.emd.rerank import stage2_scores
+from faceemd.emd import (
+    FeatureBank,
+    RerankConfig,
+    sinkhorn,
+    stage1_topk,
+    stage2_scores,
+    two_stage_rank,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from faceemd.emd.rerank import FeatureBank, RerankConfig, pairwise_emd, two_stage_rank
+from faceemd.emd import FeatureBank, RerankConfig, pairwise_emd, two_stage_rank
 from faceemd.visualize import cell_bounds, flow_picture, query_figure, weight_heatmap
 
 

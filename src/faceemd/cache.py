@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from faceemd.emd.rerank import patch_summaries
+from faceemd.emd.bank import patch_summaries
 from faceemd.features import ExtractedFeatures
 
 __all__ = ["FeatureCache", "cache_key", "state_dict_digest"]

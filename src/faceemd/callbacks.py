@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from faceemd.emd.rerank import FeatureBank, Ranking, RerankConfig, two_stage_rank
+from faceemd.emd import FeatureBank, Ranking, RerankConfig, two_stage_rank
 from faceemd.features import ExtractedFeatures
 from faceemd.metrics import hits_from_ranking, identification_metrics, relevant_counts
 

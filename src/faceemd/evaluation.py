@@ -28,7 +28,7 @@ from torch.utils.data import Subset
 
 from faceemd.cache import FeatureCache, cache_key, state_dict_digest
 from faceemd.callbacks import FeatureCollector, evaluate_features
-from faceemd.emd.rerank import RerankConfig, nonfinite_rows
+from faceemd.emd import RerankConfig, nonfinite_rows
 from faceemd.features import ExtractedFeatures
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.models.extractor import FaceFeatureExtractor
@@ -179,8 +179,6 @@ class ScoreCache:
     """Stage-2 EMD similarities cached per (query features, gallery features, stage-2 settings
     except alpha/blend, stage-1 candidates): jobs of an alpha sweep compute them once."""
 
-    _SETTINGS = ("top_k", "weighting", "solver", "eps", "max_iter", "tol", "check_every",
-                 "log_domain", "cost_dtype", "backend", "grid")  # fmt: skip
     # Bumped when the engine's numbers change beyond tol (v2: int8 cost, numba backend; v3:
     # apc/cc/sc follow the public code, the printed forms are apc_dot/cc_dot/sc_eq8).
     _ENGINE = 3
@@ -188,7 +186,7 @@ class ScoreCache:
     def __init__(self, cache: FeatureCache | None, feats: dict, rerank: RerankConfig) -> None:
         keys = [f.key for f in feats.values()]
         self.cache = cache if cache is not None and all(keys) else None
-        self.base = {"features": keys, **{k: getattr(rerank, k) for k in self._SETTINGS}}
+        self.base = {"features": keys, **rerank.score_settings()}
         self.hit = False
 
     def _key(self, candidates: torch.Tensor) -> str:

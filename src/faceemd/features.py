@@ -2,7 +2,7 @@
 
 Extraction keeps the backbone's *native* patch grid (ArcFace 8x8, MobileFaceNet 7x6, ...) and
 raw landmarks; pooling to a coarser grid (paper Sec. 3.1: 8x8 -> 4x4) and the LMK density are
-computed when a job turns the features into a :class:`faceemd.emd.rerank.FeatureBank`. So one
+computed when a job turns the features into a :class:`faceemd.emd.bank.FeatureBank`. So one
 extraction serves every job of a grid x weighting x alpha x k sweep.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from faceemd.emd.rerank import FeatureBank
+from faceemd.emd.bank import FeatureBank
 from faceemd.emd.weights import landmark_density, pool_patches
 
 __all__ = ["ExtractedFeatures"]

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from faceemd.emd.rerank import FeatureBank, Ranking, RerankConfig, pairwise_emd
+from faceemd.emd import FeatureBank, Ranking, RerankConfig, pairwise_emd
 
 __all__ = ["cell_bounds", "flow_picture", "query_figure", "save_figures", "weight_heatmap"]
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["patch_cosine", "quantize_patches"]
+__all__ = ["COST_DTYPES", "patch_cosine", "quantize_patches"]
+
+# Float precisions of the patch-cosine product (``cost_dtype``; ``int8`` uses codes instead).
+COST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _INT8_MAX = 127.0
 

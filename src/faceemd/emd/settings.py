@@ -1,0 +1,116 @@
+"""Settings of two-stage ranking: the method's (``top_k``, ``alpha``, ``blend``, ``weighting``,
+``grid``), the solver's (``solver``, ``eps``, ``max_iter``, ``tol``, ``check_every``,
+``log_domain``, ``backend``) and the engine's (``cost_dtype``, ``query_batch``,
+``chunk_size``), as one flat record that ``conf/rerank/emd.yaml`` fills field by field.
+
+The dataclass holds the only defaults: the YAML file lists the same values (a test keeps
+them equal). Fields marked ``scores=False`` do not change stage-2 EMD similarities, so the
+score cache key (:meth:`RerankConfig.score_settings`) is every other field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from faceemd.emd.cost import COST_DTYPES
+from faceemd.emd.sinkhorn import SinkhornSettings
+from faceemd.emd.weights import WEIGHTINGS
+
+__all__ = ["RerankConfig"]
+
+
+def _no_score_effect(default):
+    """A field that does not change the stage-2 EMD similarities (blend, batching)."""
+    return field(default=default, metadata={"scores": False})
+
+
+@dataclass
+class RerankConfig:
+    """Stage-2 settings (``conf/rerank/emd.yaml`` mirrors these fields).
+
+    top_k: candidates re-ranked per query (paper: 100); 0 disables stage 2.
+    alpha: blend weight of the EMD similarity in [0, 1] (paper: 0.7) for ``blend='linear'``.
+    blend: ``'linear'`` (Eq. 9) or ``'sum'`` (the public code's ``alpha < 0`` mode: EMD + cosine).
+    weighting: one of :data:`faceemd.emd.weights.WEIGHTINGS`.
+    solver: ``'sinkhorn'`` or ``'exact'`` (POT network simplex, slow, for checks).
+    eps, max_iter, tol, check_every, log_domain, backend: Sinkhorn settings (see
+    :class:`faceemd.emd.sinkhorn.SinkhornSettings`).
+    cost_dtype: precision of the patch-cosine matrix product: ``'float32'``, ``'bfloat16'``
+    (fast only where the CPU or GPU has bf16 matrix units) or ``'int8'`` (codes of the
+    normalised gallery patches made once per gallery, integer dot products; see
+    :mod:`faceemd.emd.cost`).
+    query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats);
+    None picks it so that one step's cosines and kernels (``8 * top_k * R * R'`` bytes per
+    query) stay within ~4 MiB on a CPU (its L2 caches) and ~1 GiB on a GPU (enough problems per
+    launch to fill it).
+    chunk_size: gallery items per stage-1 step.
+    grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
+    None keeps the backbone's native grid.
+    """
+
+    top_k: int = 100
+    alpha: float = _no_score_effect(0.7)
+    blend: str = _no_score_effect("linear")
+    weighting: str = "apc"
+    solver: str = "sinkhorn"
+    eps: float = 0.05
+    max_iter: int = 200
+    tol: float = 1e-3
+    check_every: int = 10
+    log_domain: bool = False
+    backend: str = "auto"
+    cost_dtype: str = "float32"
+    query_batch: int | None = _no_score_effect(None)
+    chunk_size: int = _no_score_effect(16384)
+    grid: tuple[int, int] | None = None
+
+    def score_settings(self) -> dict:
+        """The fields stage-2 EMD similarities depend on (the score cache key)."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("scores", True)
+        }
+
+    def sinkhorn_settings(self) -> SinkhornSettings:
+        return SinkhornSettings(
+            self.eps, self.max_iter, self.tol, self.check_every, self.log_domain, self.backend
+        )
+
+    def __post_init__(self) -> None:
+        for name, kind in (("alpha", float), ("eps", float), ("tol", float), ("top_k", int),
+                           ("max_iter", int), ("check_every", int)):  # fmt: skip
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool) or kind(value) != float(value):
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"rerank.{name} must be {'a number' if kind is float else 'an integer'}, "
+                    f"got {value!r}"
+                ) from None
+            setattr(self, name, kind(value))
+        if self.tol < 0:
+            raise ValueError(f"rerank.tol must be >= 0 (an L1 marginal error), got {self.tol}")
+        self.sinkhorn_settings()  # validates eps, max_iter, check_every, backend
+        if self.grid is not None:
+            self.grid = tuple(int(g) for g in self.grid)
+            if len(self.grid) != 2 or min(self.grid) < 1:
+                raise ValueError(f"grid must be [H, W] with H, W >= 1, got {self.grid}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.blend not in ("linear", "sum"):
+            raise ValueError(f"blend must be 'linear' or 'sum', got {self.blend!r}")
+        if self.blend == "linear" and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(
+                f"alpha must be in [0, 1], got {self.alpha}; use blend='sum' for the public "
+                "code's unweighted EMD + cosine score"
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose from {WEIGHTINGS}")
+        if self.solver not in ("sinkhorn", "exact"):
+            raise ValueError(f"solver must be 'sinkhorn' or 'exact', got {self.solver!r}")
+        if self.cost_dtype not in (*COST_DTYPES, "int8"):
+            raise ValueError(
+                f"cost_dtype must be one of {[*COST_DTYPES, 'int8']}, got {self.cost_dtype!r}"
+            )
+        if (self.query_batch is not None and self.query_batch < 1) or self.chunk_size < 1:
+            raise ValueError("query_batch and chunk_size must be >= 1")

@@ -1,0 +1,145 @@
+"""Stage 2 (paper Sec. 2.3, Eq. 9): EMD similarities of each query's top-k candidates, and the
+blend ``alpha * emd + (1 - alpha) * cos`` that re-orders them; positions past ``top_k`` keep
+their stage-1 order."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+from torch import Tensor
+
+from faceemd.emd.bank import FeatureBank, patch_summaries
+from faceemd.emd.cost import quantize_patches
+from faceemd.emd.problems import emd_problems, solve_problems
+from faceemd.emd.settings import RerankConfig
+from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
+
+__all__ = ["blend_stage2", "prepare_gallery", "stage2_depth", "stage2_rerank", "stage2_scores"]
+
+
+def stage2_scores(
+    query: FeatureBank, gallery: FeatureBank, candidates: Tensor, cfg: RerankConfig
+) -> Tensor:
+    """EMD similarity ``(Q, k)`` between each query and its candidates ``(Q, k)`` (gallery
+    rows). Independent of alpha and blend, so it can be computed once per sweep.
+
+    Queries go ``cfg.query_batch`` at a time (None: see :class:`RerankConfig`); an
+    out-of-memory error halves that batch and retries. The gallery's per-item summaries (and
+    int8 codes for ``cost_dtype='int8'``) are taken from ``gallery`` when it has them, else
+    computed for this call (:func:`prepare_gallery` makes them once for many calls).
+    """
+    if candidates.dim() != 2 or candidates.shape[0] != len(query):
+        raise ValueError(
+            f"candidates must be (Q, k) with Q = {len(query)} queries, got {tuple(candidates.shape)}"
+        )
+    gallery = prepare_gallery(gallery, cfg)
+    norms, pooled = gallery.summaries
+    rows, scales = gallery.quantized if cfg.cost_dtype == "int8" else (gallery.patches, None)
+    q, k = candidates.shape
+    r, r2 = query.patches.shape[1], gallery.patches.shape[1]
+    batch = cfg.query_batch or stage2_query_batch(query.patches.device, k, r, r2)
+    out = torch.zeros(q, k, device=query.patches.device)
+    mapped = shared_file_mapping(rows)  # a gallery mapped from disk: release what was read
+    gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
+    q0 = 0
+    while q0 < q and k:
+        q1 = min(q0 + batch, q)
+        cand = candidates[q0:q1]
+        try:
+            if gathered is None or gathered.shape[0] < cand.numel():
+                gathered = rows.new_empty((batch * k, *rows.shape[1:]))
+            part = take_rows(rows, cand.reshape(-1), gathered[: cand.numel()], mapped)
+            sim, u, v = emd_problems(
+                query.patches[q0:q1],
+                part.view(*cand.shape, *rows.shape[1:]),
+                cfg,
+                query.embeddings[q0:q1],
+                gallery.embeddings[cand],
+                None if query.lmk is None else query.lmk[q0:q1],
+                None if gallery.lmk is None else gallery.lmk[cand],
+                candidate_norms=norms[cand],
+                candidate_pooled=pooled[cand],
+                candidate_scales=None if scales is None else scales[cand],
+            )
+            result = solve_problems(sim, u, v, cfg)
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch = max(1, batch // 2)
+            gathered = None
+            warnings.warn(
+                f"out of memory in stage 2: retrying with query_batch={batch}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        out[q0:q1] = result.similarity
+        q0 = q1
+    return out
+
+
+def prepare_gallery(gallery: FeatureBank, cfg: RerankConfig) -> FeatureBank:
+    """``gallery`` with the per-item data stage 2 reads: patch norms and means, and the int8
+    codes for ``cost_dtype='int8'`` (each item is a candidate of many queries). A new bank when
+    something had to be computed; the input is never changed."""
+    summaries = gallery.summaries or patch_summaries(gallery.patches, cfg.chunk_size)
+    quantized = gallery.quantized
+    if cfg.cost_dtype == "int8" and quantized is None:
+        quantized = quantize_patches(gallery.patches)
+    if summaries is gallery.summaries and quantized is gallery.quantized:
+        return gallery
+    return dataclasses.replace(gallery, summaries=summaries, quantized=quantized)
+
+
+def blend_stage2(
+    stage1_score: Tensor,
+    stage1_index: Tensor,
+    emd_similarity: Tensor,
+    alpha: float,
+    blend: str = "linear",
+) -> tuple[Tensor, Tensor]:
+    """Eq. 9 on the first ``k = emd_similarity.shape[1]`` columns of a stage-1 ranking:
+    ``alpha * emd + (1 - alpha) * cos`` (or ``emd + cos`` for ``blend='sum'``), re-sorted;
+    columns from ``k`` on keep their stage-1 order."""
+    k = emd_similarity.shape[1]
+    cos, cand = stage1_score[:, :k], stage1_index[:, :k]
+    if blend == "linear":
+        blended = alpha * emd_similarity + (1.0 - alpha) * cos
+    else:
+        blended = emd_similarity + cos
+    order = torch.sort(blended, dim=1, descending=True, stable=True).indices
+    return (
+        torch.cat([blended.gather(1, order), stage1_score[:, k:]], 1),
+        torch.cat([cand.gather(1, order), stage1_index[:, k:]], 1),
+    )
+
+
+def stage2_rerank(
+    query: FeatureBank,
+    gallery: FeatureBank,
+    stage1_score: Tensor,
+    stage1_index: Tensor,
+    cfg: RerankConfig,
+    emd_similarity: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Re-rank the first ``cfg.top_k`` columns of a stage-1 ranking by Eq. 9.
+
+    stage1_score, stage1_index: ``(Q, depth)`` from :func:`stage1_topk`; emd_similarity:
+    optional precomputed :func:`stage2_scores` of those candidates. Returns ``(score, index)``
+    of the same shape; columns from ``top_k`` on are unchanged.
+    """
+    k = stage2_depth(cfg, stage1_index.shape[1])
+    if k == 0:
+        return stage1_score.clone(), stage1_index.clone()
+    if emd_similarity is None:
+        emd_similarity = stage2_scores(query, gallery, stage1_index[:, :k], cfg)
+    return blend_stage2(stage1_score, stage1_index, emd_similarity, cfg.alpha, cfg.blend)
+
+
+def stage2_depth(cfg: RerankConfig, depth: int) -> int:
+    """Candidates stage 2 re-ranks: 0 when it cannot change the order (k <= 1, or alpha = 0
+    with the linear blend)."""
+    k = min(cfg.top_k, depth)
+    return 0 if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0) else k
