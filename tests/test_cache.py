@@ -148,7 +148,7 @@ def test_entries_carry_patch_summaries_of_the_stored_values(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parts_merge_into_one_mapped_entry(tmp_path, dtype):
-    from faceemd.evaluation import _concat
+    from faceemd.extraction import _concat
     from faceemd.memory import shared_file_mapping
 
     cache = FeatureCache(tmp_path, dtype=dtype, mmap=True)

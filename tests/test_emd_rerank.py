@@ -41,6 +41,23 @@ def test_alpha_zero_reproduces_stage1_and_k_edge_cases():
         assert rk.stage2_index.shape == (9, 12)
 
 
+def test_alpha_zero_blend_keeps_the_cosine_order_whatever_the_emd():
+    """The invariant on the blend itself (two_stage_rank skips stage 2 at alpha = 0, so the
+    test above never reaches it): any EMD similarities, alpha = 0 -> stage-1 order and
+    scores; alpha = 1 -> the EMD order."""
+    from faceemd.emd import blend_stage2
+
+    q, g = _bank(9, seed=3), _bank(30, seed=4)
+    s1, i1 = stage1_topk(q.embeddings, g.embeddings, 12)
+    emd = torch.rand(9, 10, generator=torch.Generator().manual_seed(7))
+    score, index = blend_stage2(s1, i1, emd, alpha=0.0)
+    assert torch.equal(index, i1)
+    torch.testing.assert_close(score, s1)
+    _, index = blend_stage2(s1, i1, emd, alpha=1.0)
+    assert torch.equal(index[:, :10], i1[:, :10].gather(1, emd.argsort(1, descending=True)))
+    assert torch.equal(index[:, 10:], i1[:, 10:])
+
+
 def test_rest_of_ranking_keeps_stage1_order():
     q, g = _bank(5, seed=5), _bank(40, seed=6)
     rk = two_stage_rank(q, g, RerankConfig(top_k=8, alpha=1.0, weighting="uniform"), depth=20)
@@ -133,3 +150,23 @@ def test_memory_mapped_gallery_pages_are_released_and_scores_unchanged(tmp_path)
     from_map = stage2_scores(query, FeatureBank(emb, mapped, torch.arange(40)), cand, cfg)
     assert torch.equal(from_map, in_memory)
     assert torch.equal(mapped, patches)  # released pages read back from the file unchanged
+
+
+def test_unconverged_sinkhorn_problems_are_reported_once_with_statistics():
+    """max_iter too small for tol: one warning with the count, statistics in the ranking and
+    in the job's metrics (eval/solver_*)."""
+    from faceemd.ranking import evaluate_features
+
+    g = torch.Generator().manual_seed(0)
+    q = FeatureBank(torch.randn(6, 8, generator=g), torch.randn(6, 9, 8, generator=g).relu(),
+                    torch.arange(6) % 3)  # fmt: skip
+    cfg = RerankConfig(top_k=4, max_iter=2, check_every=1, tol=1e-9, eps=0.01)
+    with pytest.warns(RuntimeWarning, match=r"24 of 24 Sinkhorn problems stopped at max_iter=2"):
+        results, ranking = evaluate_features(q, q, cfg, True)
+    assert ranking.solver_stats == {"problems": 24, "mean_iterations": 2.0, "max_iterations": 2,
+                                    "unconverged": 24}  # fmt: skip
+    assert results["eval/solver_unconverged"] == 24
+    converged = RerankConfig(top_k=4, tol=1e-3)
+    results, _ = evaluate_features(q, q, converged, True)
+    assert results["eval/solver_unconverged"] == 0
+    assert 0 < results["eval/solver_mean_iterations"] <= results["eval/solver_max_iterations"]

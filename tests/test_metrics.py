@@ -6,7 +6,6 @@ import torch
 
 from faceemd.emd import stage1_topk
 from faceemd.metrics import (
-    IdentificationMetrics,
     hits_from_ranking,
     identification_metrics,
     relevant_counts,
@@ -72,20 +71,6 @@ def test_hand_computed_case_and_r_zero():
     assert out["num_excluded"] == 1
 
 
-def test_torchmetrics_wrapper_accumulates_batches():
-    rng = np.random.default_rng(3)
-    hits = torch.from_numpy(rng.random((20, 6)) > 0.5)
-    r = torch.from_numpy(rng.integers(0, 6, 20))
-    metric = IdentificationMetrics()
-    metric.update(hits[:7], r[:7])
-    metric.update(hits[7:], r[7:])
-    got = metric.compute()
-    ref = identification_metrics(hits, r)
-    for key in ("p_at_1", "r_precision", "map_at_r"):
-        assert float(got[key]) == pytest.approx(ref[key], abs=1e-9)
-    assert int(got["num_excluded"]) == ref["num_excluded"]
-
-
 def test_too_shallow_ranking_is_an_error():
     with pytest.raises(ValueError, match="rank at least"):
         identification_metrics(torch.ones(2, 2, dtype=torch.bool), torch.tensor([3, 1]))
@@ -108,8 +93,8 @@ def _reference_public(sim, labels):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_public_r_definition_matches_bruteforce_through_evaluate_features(seed):
-    from faceemd.callbacks import evaluate_features
     from faceemd.emd import FeatureBank, RerankConfig
+    from faceemd.ranking import evaluate_features
 
     rng = np.random.default_rng(seed)
     n = 50

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from faceemd.emd import FeatureBank, RerankConfig, stage1_topk, stage2, stage2_rerank
-from faceemd.evaluation import check_features
+from faceemd.extraction import check_features
 from faceemd.features import ExtractedFeatures
 
 from .conftest import ROOT
@@ -120,7 +120,7 @@ def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
 def test_finishing_a_job_without_wandb_logger_does_not_import_wandb(monkeypatch):
     import sys
 
-    from faceemd.evaluation import finish_loggers
+    from faceemd.instantiators import finish_loggers
 
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     finish_loggers()  # a CSV-only job: must neither need nor load wandb

@@ -108,7 +108,7 @@ def test_mixed_precision_accumulation_and_no_logger(compose_train):
 
 def _validate_p_at_1(cfg, model, datamodule):
     from faceemd.callbacks import RerankEvaluation
-    from faceemd.evaluation import rerank_config
+    from faceemd.instantiators import rerank_config
 
     evaluation = RerankEvaluation(rerank_config(cfg.rerank))
     trainer = L.Trainer(

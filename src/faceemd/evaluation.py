@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -24,155 +23,28 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import Subset
 
-from faceemd.cache import FeatureCache, cache_key, state_dict_digest
-from faceemd.callbacks import FeatureCollector, evaluate_features
-from faceemd.emd import RerankConfig, nonfinite_rows
+from faceemd.cache import FeatureCache, cache_key
+from faceemd.emd import RerankConfig
+from faceemd.extraction import load_or_extract
 from faceemd.features import ExtractedFeatures
+from faceemd.instantiators import build_cache, build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_backbone, build_face_input
-from faceemd.models.extractor import FaceFeatureExtractor
+from faceemd.ranking import evaluate_features
 from faceemd.visualize import save_figures
 
 __all__ = [
-    "build_cache",
-    "build_callbacks",
-    "build_loggers",
-    "check_features",
-    "feature_ingredients",
-    "finish_loggers",
-    "load_or_extract",
+    "ScoreCache",
+    "check_job_settings",
     "log_figures",
     "print_results",
     "render_figures",
-    "rerank_config",
     "run_evaluation",
+    "skipped_images",
+    "write_json",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def build_loggers(cfg: DictConfig | None) -> list:
-    """Instantiate every logger under ``cfg.logger`` (none when it is null)."""
-    if not cfg:
-        return []
-    return [instantiate(lg) for lg in cfg.values() if lg is not None and "_target_" in lg]
-
-
-def build_callbacks(cfg: DictConfig | None) -> list:
-    """Instantiate the extra Lightning callbacks named under ``cfg`` (``{name: {_target_}}``)."""
-    return [instantiate(c) for c in (cfg or {}).values() if c]
-
-
-def finish_loggers() -> None:
-    """Close the W&B run if one is open. A job whose loggers never imported wandb has no run
-    (and need not have wandb installed: CSV-only runs)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
-
-
-def print_results(results: dict[str, float], title: str) -> None:
-    """Stage 1 vs stage 2 table on the console."""
-    table = Table(title=title)
-    table.add_column("stage")
-    for col in ("P@1", "RP", "MAP@R", "max P@k"):
-        table.add_column(col, justify="right")
-    for stage in ("stage1", "stage2"):
-        row = [results.get(f"{stage}/{k}") for k in ("p_at_1", "r_precision", "map_at_r")]
-        maxp = results.get(f"{stage}/max_precision_at_k")
-        table.add_row(
-            stage, *[f"{100 * v:.2f}" for v in row], "" if maxp is None else f"{100 * maxp:.2f}"
-        )
-    console = Console()
-    console.print(table)
-    console.print(
-        f"queries {results['eval/num_queries']} (excluded, R=0: "
-        f"{results['eval/num_excluded_queries']}), gallery {results['eval/gallery_size']}, "
-        f"skipped images {results['eval/skipped_images']}; seconds: extract "
-        f"{results['eval/extract_seconds']:.1f}, stage 1 {results['eval/stage1_seconds']:.2f}, "
-        f"stage 2 {results['eval/stage2_seconds']:.2f}"
-    )
-
-
-def rerank_config(cfg: DictConfig) -> RerankConfig:
-    """RerankConfig from the ``rerank`` group."""
-    return RerankConfig(**OmegaConf.to_container(cfg, resolve=True))
-
-
-def build_cache(cfg: DictConfig | None) -> FeatureCache | None:
-    """The feature cache of the ``cache`` group, or None when disabled."""
-    if not cfg or not cfg.get("enabled", False):
-        return None
-    return FeatureCache(cfg.dir, dtype=cfg.dtype, mmap=cfg.mmap, verify=cfg.verify)
-
-
-def feature_ingredients(
-    weights_sha256: str,
-    faces,
-    backbone_cfg: DictConfig,
-    store_dtype: str,
-    warp=None,
-    content_hash: bool = False,
-) -> dict | None:
-    """What determines a set's features (the cache key), or None if the set has no
-    fingerprint (then it is not cached). weights_sha256: :func:`state_dict_digest`; warp: the
-    frame-to-input matrix of :meth:`FaceInput.in_frame` (None: resize only); content_hash:
-    key file-backed sets by their files' bytes instead of sizes and times."""
-    if not hasattr(faces, "fingerprint"):
-        log.warning("%s has no fingerprint(); its features are not cached", type(faces).__name__)
-        return None
-    return {
-        "backbone": OmegaConf.to_container(backbone_cfg.net, resolve=True),
-        "weights_sha256": weights_sha256,
-        "set": faces.fingerprint(content_hash=True) if content_hash else faces.fingerprint(),
-        "input": OmegaConf.to_container(backbone_cfg.input, resolve=True),
-        "flip_test": bool(backbone_cfg.flip_test),
-        "store_dtype": store_dtype,
-        "warp": warp,
-    }
-
-
-def check_features(name: str, feats: ExtractedFeatures, faces) -> None:
-    """Raise ``ValueError`` naming the images whose features hold NaN/Inf (never cached)."""
-    bad = sorted(set(nonfinite_rows(feats.embeddings)) | set(nonfinite_rows(feats.patches)))
-    if bad:
-        files = getattr(faces, "files", None)
-        ids = [files[i] if files else f"#{i}" for i in feats.index[bad].tolist()]
-        shown = ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else "")
-        raise ValueError(
-            f"{name} features of {len(ids)} image(s) hold NaN/Inf: {shown}; check those images "
-            "(blank or corrupt?) and the backbone weights (half precision can overflow: try "
-            "trainer.precision=32)"
-        )
-
-
-def _parts(n: int, chunk: int) -> list[tuple[int, int]]:
-    chunk = chunk if chunk and chunk > 0 else max(n, 1)
-    return [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
-
-
-def _concat(parts: list[tuple[tuple[int, int], ExtractedFeatures]]) -> ExtractedFeatures:
-    """One set's features from its parts (indices offset to set positions)."""
-    if len(parts) == 1 and parts[0][0][0] == 0:
-        return parts[0][1]
-    first = parts[0][1]
-    summaries = None
-    if all(f.summaries is not None for _, f in parts):
-        summaries = (
-            torch.cat([f.summaries[0] for _, f in parts]),
-            torch.cat([f.summaries[1] for _, f in parts]),
-        )
-    return ExtractedFeatures(
-        embeddings=torch.cat([f.embeddings for _, f in parts]),
-        patches=torch.cat([f.patches for _, f in parts]),
-        index=torch.cat([f.index + a for (a, _), f in parts]),
-        landmarks=torch.cat([f.landmarks for _, f in parts]),
-        grid_shape=first.grid_shape,
-        image_size=first.image_size,
-        skipped=sum(f.skipped for _, f in parts),
-        summaries=summaries,
-    )
 
 
 class ScoreCache:
@@ -208,102 +80,27 @@ class ScoreCache:
         self.cache.save_scores(self._key(candidates), candidates, ranking.emd_similarity)
 
 
-def load_or_extract(
-    cfg: DictConfig, backbone, datamodule, loggers: list, cache: FeatureCache | None
-) -> tuple[dict[str, ExtractedFeatures], dict[str, float], bool]:
-    """Features of the query set (and gallery set) from the cache, extracting what is missing.
-
-    Each set is cut into parts of ``cache.chunk_images`` images; every part is cached as soon
-    as it is extracted, so a killed run resumes at the first missing part. Extraction runs
-    Lightning's test loop on the configured Trainer (devices, strategy) with a
-    :class:`FeatureCollector`; rank 0 writes the cache. Returns ``(features by set name,
-    eval/* counters, is_global_zero)``; features carry labels. cache: None extracts all.
-    """
-    sets = {"query": datamodule.query}
-    if not datamodule.same_images:
-        sets["gallery"] = datamodule.gallery
-    chunk = int((cfg.get("cache") or {}).get("chunk_images", 0) or 0)
-    digest = state_dict_digest(backbone) if cache else ""
-    units = []  # (set name, (start, stop), key, ingredients)
-    for name, faces in sets.items():
-        ingredients = None
-        if cache is not None:
-            ingredients = feature_ingredients(
-                digest,
-                faces,
-                cfg.backbone,
-                cache.dtype,
-                datamodule.face_input.warp,
-                bool(cfg.cache.get("content_hash", False)),
-            )
-        for a, b in _parts(len(faces), chunk):
-            part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
-            units.append((name, (a, b), cache_key(**part) if part else None, part))
-    # Mapped sets of several parts are served by one merged entry (see _merge_parts); where it
-    # exists, its parts need not be read.
-    merged_keys = {}
-    if cache is not None and cache.mmap:
-        for name in sets:
-            keys = [u[2] for u in units if u[0] == name]
-            if len(keys) > 1:
-                merged_keys[name] = cache_key(kind="merged", parts=keys)
-    whole = {name: cache.load(key) for name, key in merged_keys.items()}
-    pending = [u for u in units if whole.get(u[0]) is None]
-    got = {(u[0], u[1]): cache.load(u[2]) if u[2] else None for u in pending}
-    missing = [u for u in pending if got[(u[0], u[1])] is None]
-    is_zero, seconds = True, 0.0
-    if missing:
-        collector = FeatureCollector()
-        callbacks = [collector, *build_callbacks(cfg.get("callbacks"))]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        extractor = FaceFeatureExtractor(backbone, flip=cfg.backbone.flip_test)
-        for name, (a, b), key, part in missing:
-            loader = datamodule.loader(Subset(sets[name], range(a, b)))
-            trainer.test(extractor, dataloaders=[loader], verbose=False)
-            is_zero = trainer.is_global_zero
-            seconds += collector.extract_seconds
-            extracted = collector.features[0]
-            check_features(name, _concat([((a, b), extracted)]), sets[name])
-            got[(name, (a, b))] = extracted
-            if key and is_zero:
-                cache.save(key, extracted, part)
-    feats = {}
-    for name, faces in sets.items():
-        own = [u for u in units if u[0] == name]
-        unit_keys = [u[2] for u in own]
-        if name in merged_keys and whole[name] is None and is_zero:
-            extracted = {u[1] for u in missing if u[0] == name}
-            whole[name] = _merge_parts(cache, merged_keys[name], own, got, extracted)
-        if whole.get(name) is not None:
-            feats[name] = whole[name]
-        else:
-            feats[name] = _concat([(u[1], got[(u[0], u[1])]) for u in own])
-        feats[name].with_labels(datamodule.labels_of(faces))
-        feats[name].verified = True  # checked by check_features when extracted (then cached)
-        feats[name].key = cache_key(parts=unit_keys) if all(unit_keys) else None
-    counters = {
-        "eval/extracted_sets": len({u[0] for u in missing}),
-        "eval/cached_sets": len(sets) - len({u[0] for u in missing}),
-        "eval/extracted_parts": len(missing),
-        "eval/cached_parts": len(units) - len(missing),
-        "eval/extract_seconds": seconds,
-        "eval/skipped_images": sum(f.skipped for f in feats.values()),
-    }
-    return feats, counters, is_zero
-
-
-def _merge_parts(cache: FeatureCache, key: str, units: list, got: dict, extracted: set):
-    """Write one set's parts (``units``) as one entry and map it: concatenating mapped parts
-    would copy a gallery larger than RAM into memory. Parts extracted in this run (spans in
-    ``extracted``) are read back from their entries, so every part is in its stored form."""
-    parts = []
-    for name, span, part_key, _ in units:
-        part = cache.load(part_key) if span in extracted else got[(name, span)]
-        if part is None:
-            return None  # a part could not be cached: concatenate in memory instead
-        parts.append((span[0], part))
-    cache.save_merged(key, parts, {"parts": [u[2] for u in units]})
-    return cache.load(key)
+def print_results(results: dict[str, float], title: str) -> None:
+    """Stage 1 vs stage 2 table on the console."""
+    table = Table(title=title)
+    table.add_column("stage")
+    for col in ("P@1", "RP", "MAP@R", "max P@k"):
+        table.add_column(col, justify="right")
+    for stage in ("stage1", "stage2"):
+        row = [results.get(f"{stage}/{k}") for k in ("p_at_1", "r_precision", "map_at_r")]
+        maxp = results.get(f"{stage}/max_precision_at_k")
+        table.add_row(
+            stage, *[f"{100 * v:.2f}" for v in row], "" if maxp is None else f"{100 * maxp:.2f}"
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"queries {results['eval/num_queries']} (excluded, R=0: "
+        f"{results['eval/num_excluded_queries']}), gallery {results['eval/gallery_size']}, "
+        f"skipped images {results['eval/skipped_images']}; seconds: extract "
+        f"{results['eval/extract_seconds']:.1f}, stage 1 {results['eval/stage1_seconds']:.2f}, "
+        f"stage 2 {results['eval/stage2_seconds']:.2f}"
+    )
 
 
 def _input_image(faces, position: int, face_input) -> np.ndarray:

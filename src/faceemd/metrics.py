@@ -11,18 +11,16 @@ for a query with R relevant gallery items (its own image excluded when it is in 
 
 Queries with R = 0 are excluded from the means and counted. Everything works on rankings
 ``(Q, L)`` of gallery indices with ``L >= max R``, never on a dense ``Q x G`` matrix. The
-functions are pure; :class:`IdentificationMetrics` wraps them as a torchmetrics ``Metric`` that
-accumulates sums across batches and processes.
+functions are pure; distributed runs gather the rankings, not partial metric sums
+(:mod:`faceemd.ranking`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 __all__ = [
-    "IdentificationMetrics",
     "hits_from_ranking",
     "identification_metrics",
     "relevant_counts",
@@ -112,39 +110,3 @@ def identification_metrics(
     out["num_queries"] = n
     out["num_excluded"] = int((~valid).sum())
     return out
-
-
-class IdentificationMetrics(Metric):
-    """torchmetrics wrapper of :func:`per_query_scores`; sums sync across processes.
-
-    ``update(hits (B, L), r (B,))`` per batch of queries; ``compute()`` returns a dict of
-    ``p_at_1``, ``r_precision``, ``map_at_r`` (means over R > 0 queries), ``num_queries`` and
-    ``num_excluded``.
-    """
-
-    full_state_update = False
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        for name in ("p_at_1", "r_precision", "map_at_r", "num_queries", "num_excluded"):
-            self.add_state(
-                name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
-            )
-
-    def update(self, hits: Tensor, r: Tensor) -> None:
-        valid = r > 0
-        scores = per_query_scores(hits, r)
-        for name, v in scores.items():
-            setattr(self, name, getattr(self, name) + v[valid].double().sum())
-        self.num_queries += valid.sum().double()
-        self.num_excluded += (~valid).sum().double()
-
-    def compute(self) -> dict[str, Tensor]:
-        n = self.num_queries.clamp_min(1)
-        return {
-            "p_at_1": self.p_at_1 / n,
-            "r_precision": self.r_precision / n,
-            "map_at_r": self.map_at_r / n,
-            "num_queries": self.num_queries,
-            "num_excluded": self.num_excluded,
-        }

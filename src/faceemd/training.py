@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
-from faceemd.evaluation import build_callbacks, build_loggers, finish_loggers, rerank_config
+from faceemd.instantiators import build_callbacks, build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_face_input
 from faceemd.models.recognizer import FaceRecognizer
 

@@ -67,7 +67,7 @@ def collate_faces(items):
 
 
 class IdentificationDataModule(L.LightningDataModule):
-    """Query and gallery loaders (test/validation/predict: ``[query, gallery]``).
+    """Query and gallery loaders (test/validation: ``[query, gallery]``).
 
     face_input: the backbone's input spec (set by the entry point from the backbone config).
     frame: the alignment template the images on disk follow (a name of
@@ -133,4 +133,3 @@ class IdentificationDataModule(L.LightningDataModule):
         return loaders
 
     val_dataloader = test_dataloader
-    predict_dataloader = test_dataloader

@@ -3,7 +3,7 @@ and the checks and per-item summaries made on them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -80,6 +80,8 @@ class Ranking:
     stage1_seconds / stage2_seconds: wall time of each stage.
     emd_similarity: ``(Q, top_k)`` EMD similarities of the stage-1 candidates (None when
     stage 2 was skipped).
+    solver_stats: the solver's iteration statistics (see :func:`faceemd.emd.stage2_scores`;
+    empty when the scores came from a cache or stage 2 was skipped).
     """
 
     stage1_index: Tensor
@@ -89,6 +91,7 @@ class Ranking:
     stage1_seconds: float = 0.0
     stage2_seconds: float = 0.0
     emd_similarity: Tensor | None = None
+    solver_stats: dict = field(default_factory=dict)
 
 
 def nonfinite_rows(x: Tensor) -> list[int]:

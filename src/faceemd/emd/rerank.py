@@ -54,9 +54,10 @@ def two_stage_rank(
     t1 = time.perf_counter()
     k = stage2_depth(cfg, i1.shape[1])
     emd = None
+    stats: dict = {}
     if k:
         emd = emd_scores(i1[:, :k]) if emd_scores is not None else None
         if emd is None:
-            emd = stage2_scores(query, gallery, i1[:, :k], cfg)
+            emd = stage2_scores(query, gallery, i1[:, :k], cfg, stats)
     s2, i2 = stage2_rerank(query, gallery, s1, i1, cfg, emd)
-    return Ranking(i1, s1, i2, s2, t1 - t0, time.perf_counter() - t1, emd)
+    return Ranking(i1, s1, i2, s2, t1 - t0, time.perf_counter() - t1, emd, stats)

@@ -20,7 +20,11 @@ __all__ = ["blend_stage2", "prepare_gallery", "stage2_depth", "stage2_rerank", "
 
 
 def stage2_scores(
-    query: FeatureBank, gallery: FeatureBank, candidates: Tensor, cfg: RerankConfig
+    query: FeatureBank,
+    gallery: FeatureBank,
+    candidates: Tensor,
+    cfg: RerankConfig,
+    stats: dict | None = None,
 ) -> Tensor:
     """EMD similarity ``(Q, k)`` between each query and its candidates ``(Q, k)`` (gallery
     rows). Independent of alpha and blend, so it can be computed once per sweep.
@@ -29,6 +33,10 @@ def stage2_scores(
     out-of-memory error halves that batch and retries. The gallery's per-item summaries (and
     int8 codes for ``cost_dtype='int8'``) are taken from ``gallery`` when it has them, else
     computed for this call (:func:`prepare_gallery` makes them once for many calls).
+    stats: optional dict filled with the solver's iteration statistics (``problems``,
+    ``mean_iterations``, ``max_iterations``, ``unconverged``: problems that stopped at
+    ``max_iter`` with an L1 marginal error above ``tol``); unconverged problems are also
+    reported by one warning.
     """
     if candidates.dim() != 2 or candidates.shape[0] != len(query):
         raise ValueError(
@@ -43,6 +51,8 @@ def stage2_scores(
     out = torch.zeros(q, k, device=query.patches.device)
     mapped = shared_file_mapping(rows)  # a gallery mapped from disk: release what was read
     gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
+    iterations = torch.zeros(q, k, dtype=torch.long)
+    unconverged = 0
     q0 = 0
     while q0 < q and k:
         q1 = min(q0 + batch, q)
@@ -76,7 +86,24 @@ def stage2_scores(
             )
             continue
         out[q0:q1] = result.similarity
+        iterations[q0:q1] = result.iterations.cpu()
+        if cfg.solver == "sinkhorn":
+            unconverged += int((result.marginal_error > cfg.tol).sum())
         q0 = q1
+    if unconverged:
+        warnings.warn(
+            f"{unconverged} of {q * k} Sinkhorn problems stopped at max_iter={cfg.max_iter} "
+            f"with a marginal error above tol={cfg.tol}: raise rerank.max_iter or rerank.eps",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if stats is not None and q * k:
+        stats.update(
+            problems=q * k,
+            mean_iterations=float(iterations.float().mean()),
+            max_iterations=int(iterations.max()),
+            unconverged=unconverged,
+        )
     return out
 
 

@@ -58,6 +58,3 @@ class FaceFeatureExtractor(L.LightningModule):
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):
         return self.extract(batch)
-
-    def predict_step(self, batch, batch_idx, dataloader_idx=0):
-        return self.extract(batch)

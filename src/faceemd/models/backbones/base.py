@@ -8,12 +8,11 @@ from torch import Tensor, nn
 
 
 class BackboneOutput(NamedTuple):
-    """embedding ``(N, D)``; grid ``(N, C, H, W)`` (last conv feature map); pooled ``(N, C)``
-    (the grid's global average, used by APC weighting)."""
+    """embedding ``(N, D)`` (stage 1); grid ``(N, C, H, W)``: the last conv feature map, whose
+    cells are the patches of stage 2."""
 
     embedding: Tensor
     grid: Tensor
-    pooled: Tensor
 
 
 class FaceBackbone(nn.Module):
@@ -28,4 +27,4 @@ class FaceBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> BackboneOutput:
         grid, embedding = self.features(x)
-        return BackboneOutput(embedding, grid, grid.mean(dim=(2, 3)))
+        return BackboneOutput(embedding, grid)
