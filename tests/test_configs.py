@@ -66,6 +66,21 @@ def test_experiment_files_compose(compose_evaluate):
         assert not cfg.backbone.flip_test
         assert cfg.metrics.r_counts_query == path.stem.startswith("paper_")
         assert list(cfg.tags), "the experiment's tags win over the root's empty list"
+        if cfg.hydra.sweeper.params:  # a sweep runs as a multirun without -m
+            assert str(cfg.hydra.mode).endswith("MULTIRUN")
+
+
+def test_rerank_yaml_and_dataclass_share_their_defaults(compose_evaluate):
+    """Command-line and Python users solve with the same settings (one source of defaults)."""
+    import dataclasses
+
+    from faceemd.emd import RerankConfig
+
+    cfg = compose_evaluate([])
+    defaults = {f.name: f.default for f in dataclasses.fields(RerankConfig)}
+    assert set(cfg.rerank) == set(defaults)
+    for name, value in cfg.rerank.items():
+        assert value == defaults[name], name
 
 
 def test_config_tree_has_expected_groups():

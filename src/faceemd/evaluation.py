@@ -212,7 +212,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     loggers = build_loggers(cfg.get("logger"))
     try:
         for lg in loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         cache = build_cache(cfg.get("cache"))
         feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers, cache)
         same = datamodule.same_images
@@ -230,7 +230,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         results.update(counters)
         sets = {"query": datamodule.query, "gallery": datamodule.gallery}
         skipped = {k: v for k, v in skipped_images(feats, sets).items() if v}
-        config = OmegaConf.to_container(cfg, resolve=True)
+        config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         write_json(out_dir / "metrics.json", {"metrics": results, "config": config})
         log.info("metrics written to %s", out_dir / "metrics.json")
         if skipped:

@@ -1,11 +1,12 @@
 """The finetuning job behind ``train.py``.
 
 Builds the datamodule (training faces with masked augmentation + a held-out identification set),
-the :class:`faceemd.models.recognizer.FaceRecognizer` and a Lightning Trainer with
-``ModelCheckpoint`` (best by ``monitor`` and last), ``LearningRateMonitor``,
-``SaveOnInterrupt`` (an interrupted run leaves ``last.ckpt``) and the re-ranking
-evaluation callback; fits (resuming from ``ckpt_path`` when set) and exports the best
-backbone as a plain state dict, ``<output_dir>/export/backbone.pt``. W&B is always finished.
+the :class:`faceemd.models.recognizer.FaceRecognizer`, the Lightning callbacks of the
+``callbacks`` config group (``conf/callbacks/train.yaml``: best and last checkpoints,
+:class:`SaveOnInterrupt`, learning-rate monitor) plus the re-ranking evaluation, and a
+Lightning Trainer; fits (resuming from ``ckpt_path`` when set) and exports the best backbone as
+a plain state dict, ``<output_dir>/export/backbone.pt``. W&B is always finished; SIGTERM exits
+with status 143 after saving ``last.ckpt``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
-from faceemd.instantiators import build_callbacks, build_loggers, finish_loggers, rerank_config
+from faceemd.instantiators import build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_face_input
 from faceemd.models.recognizer import FaceRecognizer
 
@@ -84,7 +84,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit, export, return the last logged metrics (floats)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone))
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model = FaceRecognizer(
         backbone=container["backbone"],
         head=container["head"],
@@ -95,34 +95,19 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         focal_gamma=cfg.focal_gamma,
     )
     out_dir = Path(cfg.paths.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
     has_val = datamodule.val is not None
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="best-{epoch:03d}-{step:06d}",
-        monitor=cfg.monitor if has_val else None,
-        mode="max",
-        save_top_k=1,
-    )
-    # last.ckpt: the most recent state after every epoch, whether or not validation improved
-    # (Lightning's save_last only follows the saves of the best checkpoint).
-    last = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="last",
-        save_top_k=1,
-        monitor=None,
-        enable_version_counter=False,
-        save_on_train_epoch_end=True,
-    )
     loggers = build_loggers(cfg.get("logger"))
-    last_path = ckpt_dir / "last.ckpt"
-    callbacks = [checkpoint, last, SaveOnInterrupt(last_path)]
-    if loggers:  # the learning-rate monitor needs a logger to write to
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-    if has_val:
-        callbacks.append(RerankEvaluation(rerank_config(cfg.rerank)))
-    callbacks += build_callbacks(cfg.get("callbacks"))
     try:
+        named = dict(cfg.get("callbacks") or {})
+        if not has_val and named.get("best_checkpoint"):  # nothing to monitor: keep the latest
+            named["best_checkpoint"] = OmegaConf.merge(named["best_checkpoint"], {"monitor": None})
+        if not loggers:  # the learning-rate monitor needs a logger to write to
+            named.pop("lr_monitor", None)
+        built = {name: instantiate(c) for name, c in named.items() if c}
+        checkpoint = built.get("best_checkpoint") or built.get("last_checkpoint")
+        callbacks = list(built.values())
+        if has_val:
+            callbacks.append(RerankEvaluation(rerank_config(cfg.rerank)))
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         for lg in loggers:
             lg.log_hyperparams(container)
@@ -133,13 +118,13 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(model, datamodule=datamodule, **resume)
         except SIGTERMException as err:  # a SystemExit with status 0 otherwise
             # last.ckpt is saved (SaveOnInterrupt); a scheduler must not see a success
-            log.warning("stopped by SIGTERM: %s holds the state; exit status 143", last_path)
+            log.warning("stopped by SIGTERM: last.ckpt holds the state; exit status 143")
             raise SystemExit(128 + signal.SIGTERM) from err
     finally:
         finish_loggers()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
-        best = checkpoint.best_model_path or checkpoint.last_model_path
+        best = (checkpoint.best_model_path or checkpoint.last_model_path) if checkpoint else None
         exported = export_backbone(best, out_dir / "export" / "backbone.pt") if best else None
         summary = {
             "metrics": metrics,
