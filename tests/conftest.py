@@ -58,6 +58,16 @@ def compose_train(tmp_path):
     GlobalHydra.instance().clear()
 
 
+def write_noise_image(path, seed=0, shape=(24, 20)):
+    """A small random grayscale JPEG at ``path`` (folders made as needed)."""
+    import cv2
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    assert cv2.imwrite(str(path), rng.integers(0, 255, shape, np.uint8))
+
+
 needs_shared_weights = pytest.mark.skipif(
     not (MOBILEFACENET.is_file() and LFW_112.is_dir()),
     reason="../shared (real LFW faces and MobileFaceNet weights) is not present",

@@ -42,3 +42,17 @@ class SigtermAt(L.Callback):
             import signal
 
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RecordTrainStart(L.Callback):
+    """Keep the step count and optimizer state a fit starts from (``RecordTrainStart.seen``)."""
+
+    seen: dict = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import copy
+
+        RecordTrainStart.seen = {
+            "step": trainer.global_step,
+            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+        }

@@ -26,31 +26,48 @@ NEEDS_FILES = {("data", o) for o in GROUP_OPTIONS["data"] if o != "synthetic"} |
 @pytest.mark.parametrize(
     "group,option", [(g, o) for g, opts in GROUP_OPTIONS.items() for o in opts]
 )
-def test_every_option_composes(compose_evaluate, group, option):
+def test_every_option_composes(compose_evaluate, tmp_path, group, option):
     cfg = compose_evaluate([f"{group}={option}"])
     assert cfg[group] is not None or group == "logger"
     if (group, option) in NEEDS_FILES:
         return
+    import dataclasses
+
+    import torch
+
     if group == "data":
         dm = instantiate(cfg.data, face_input=build_face_input(cfg.backbone))
         dm.setup("test")
         assert len(dm.test_dataloader()) in (1, 2)
     elif group == "backbone":
-        import torch
-
         net = build_backbone(cfg.backbone)
         spec = build_face_input(cfg.backbone)
         out = net(torch.zeros(2, spec.channels, *spec.size))
         assert out.embedding.shape[0] == 2 and out.grid.dim() == 4
-    elif group == "rerank":
-        evaluation = RerankEvaluation(rerank_config(cfg.rerank))
-        assert evaluation.cfg.top_k == cfg.rerank.top_k
+    elif group == "rerank":  # the settings rank: stage 2 re-orders only with emd
+        from faceemd.emd import FeatureBank, two_stage_rank
+
+        g = torch.Generator().manual_seed(0)
+        bank = FeatureBank(torch.randn(12, 8, generator=g), torch.rand(12, 4, 8, generator=g),
+                           torch.arange(12) % 4)  # fmt: skip
+        settings = dataclasses.replace(rerank_config(cfg.rerank), top_k=min(cfg.rerank.top_k, 5))
+        RerankEvaluation(settings)
+        rk = two_stage_rank(bank, bank, settings, torch.arange(12), depth=5)
+        assert (rk.emd_similarity is None) == (option == "none")
     elif group == "logger":
         loggers = build_loggers(cfg.logger)
         assert len(loggers) == {"default": 2, "wandb": 1, "csv": 1, "none": 0}[option]
         finish_loggers()
-    elif group == "cache":
-        assert cfg.cache.enabled == (option == "disk")
+    elif group == "cache":  # disk: entries written and read back; off: nothing cached
+        from faceemd.instantiators import build_cache
+
+        if option == "disk":
+            cfg.cache.dir = str(tmp_path / "cache")
+        cache = build_cache(cfg.cache)
+        assert (cache is None) == (option == "off")
+        if cache is not None:
+            cache.save_scores("k", torch.arange(6).view(2, 3), torch.ones(2, 3))
+            assert cache.load_scores("k", torch.arange(6).view(2, 3)).shape == (2, 3)
     elif group == "trainer":
         assert cfg.trainer._target_ == "lightning.Trainer"
         if option == "cpu":  # gpu/ddp need devices this machine may not have

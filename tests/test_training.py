@@ -1,6 +1,5 @@
 """Finetuning: margin heads against hand-computed logits, train.py runs, resume, interrupt."""
 
-import copy
 import json
 import math
 import os
@@ -165,30 +164,15 @@ def test_resume_restores_step_count_and_optimizer_state(compose_train, tmp_path)
     steps_per_epoch = saved["global_step"]
     assert steps_per_epoch > 0
 
-    seen = {}
-
-    class Capture(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            seen["step"] = trainer.global_step
-            seen["optimizer"] = copy.deepcopy(trainer.optimizers[0].state_dict())
+    from .helpers import RecordTrainStart
 
     second = compose_train(
-        ["trainer.max_epochs=2", f"ckpt_path={last}", *TINY_TRAIN], output_dir=tmp_path / "b"
-    )
-    import faceemd.training as training
-
-    original = training.instantiate
-
-    def with_capture(cfg, *args, **kwargs):
-        if "callbacks" in kwargs:
-            kwargs["callbacks"] = [*kwargs["callbacks"], Capture()]
-        return original(cfg, *args, **kwargs)
-
-    training.instantiate = with_capture
-    try:
-        run_training(second)
-    finally:
-        training.instantiate = original
+        ["trainer.max_epochs=2", f"ckpt_path={last}", *TINY_TRAIN,
+         "+callbacks.record._target_=tests.helpers.RecordTrainStart"],
+        output_dir=tmp_path / "b",
+    )  # fmt: skip
+    run_training(second)
+    seen = RecordTrainStart.seen
     assert seen["step"] == steps_per_epoch
     state = seen["optimizer"]["state"]
     saved_state = saved["optimizer_states"][0]["state"]
