@@ -34,11 +34,12 @@ from faceemd.emd import (
     RerankConfig,
     grid_to_patches,
     pairwise_emd,
+    patch_summaries,
     quantize_patches,
     stage1_topk,
     stage2_rerank,
+    stage2_scores,
 )
-from faceemd.emd.bank import patch_summaries, stage2_scores
 
 
 def _smooth(x: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
