@@ -13,22 +13,28 @@ from torch import Tensor
 from faceemd.emd.cost import COST_DTYPES, patch_cosine, quantize_patches
 from faceemd.emd.exact import exact_emd
 from faceemd.emd.settings import RerankConfig
-from faceemd.emd.sinkhorn import EMDResult, solve
+from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
 from faceemd.emd.weights import compute_weights, weight_probe
 
 __all__ = ["emd_problems", "pairwise_emd", "solve_problems"]
 
 
 def solve_problems(
-    sim: Tensor, u: Tensor, v: Tensor, cfg: RerankConfig, return_flow: bool = False
+    sim: Tensor,
+    u: Tensor,
+    v: Tensor,
+    solver: str,
+    settings: SinkhornSettings,
+    return_flow: bool = False,
 ) -> EMDResult:
     """Solve the problems ``sim (B, K, R, R')``, ``u (B, K, R)``, ``v (B, K, R')`` with
-    ``cfg.solver``; the result's fields are shaped ``(B, K)`` (flow ``(B, K, R, R')``)."""
-    if cfg.solver == "exact":
+    ``solver`` (``exact``: POT's network simplex; ``sinkhorn`` with ``settings``); the
+    result's fields are shaped ``(B, K)`` (flow ``(B, K, R, R')``)."""
+    if solver == "exact":
         return exact_emd(torch.rsub(sim, 1.0), u, v, return_flow=return_flow)
     b, k, r, r2 = sim.shape
     flat = (sim.reshape(b * k, r, r2), u.reshape(b * k, r), v.reshape(b * k, r2))
-    out = solve(*flat, cfg.sinkhorn_settings(), return_flow, sim_bound=1.0)
+    out = solve(*flat, settings, return_flow, sim_bound=1.0)
     return EMDResult(
         out.distance.view(b, k),
         out.similarity.view(b, k),
@@ -55,19 +61,22 @@ def pairwise_emd(
     sim, u, v = emd_problems(
         query_patches,
         candidate_patches,
-        cfg,
+        cfg.weighting,
+        cfg.cost_dtype,
         query_embedding,
         candidate_embedding,
         query_lmk,
         candidate_lmk,
     )
-    return solve_problems(sim, u, v, cfg, return_flow), u, v
+    result = solve_problems(sim, u, v, cfg.solver, cfg.sinkhorn_settings(), return_flow)
+    return result, u, v
 
 
 def emd_problems(
     query_patches: Tensor,
     candidate_patches: Tensor,
-    cfg: RerankConfig,
+    weighting: str,
+    cost_dtype: str = "float32",
     query_embedding: Tensor | None = None,
     candidate_embedding: Tensor | None = None,
     query_lmk: Tensor | None = None,
@@ -78,13 +87,14 @@ def emd_problems(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The EMD problems between each query ``(B, R, C)`` and its candidates ``(B, K, R', C)``:
     patch cosines ``sim (B, K, R, R')`` in [-1, 1] (the cost is ``1 - sim``) and the weights
-    ``u (B, K, R)``, ``v (B, K, R')`` of ``cfg.weighting``.
+    ``u (B, K, R)``, ``v (B, K, R')`` of ``weighting``, the cosines computed in
+    ``cost_dtype`` (see :mod:`faceemd.emd.cost`).
 
     candidate_norms ``(B, K, R')`` and candidate_pooled ``(B, K, C)``: optional per-gallery
     precomputations (patch L2 norms, patch means) that spare passes over the candidates.
     Candidates may be int8 codes (see :func:`faceemd.emd.cost.quantize_patches`) with their
     ``candidate_scales (B, K, R')``; APC then needs the norms and pooled means, CC the norms
-    and candidate embeddings. Float candidates with ``cfg.cost_dtype='int8'`` are quantised
+    and candidate embeddings. Float candidates with ``cost_dtype='int8'`` are quantised
     here.
     """
     if query_patches.dim() != 3 or candidate_patches.dim() != 4:
@@ -101,23 +111,23 @@ def emd_problems(
             f"{tuple(candidate_patches.shape)} disagree on batch size or channels"
         )
     codes = candidate_patches
-    if cfg.cost_dtype == "int8" and candidate_patches.dtype != torch.int8:
+    if cost_dtype == "int8" and candidate_patches.dtype != torch.int8:
         b, k, r2, c = candidate_patches.shape
         if candidate_norms is None:
             candidate_norms = torch.linalg.vector_norm(candidate_patches.float(), dim=-1)
         codes, candidate_scales = quantize_patches(candidate_patches.reshape(b * k, r2, c))
         codes, candidate_scales = codes.view(b, k, r2, c), candidate_scales.view(b, k, r2)
-    probe = weight_probe(cfg.weighting, query_patches, query_embedding)
+    probe = weight_probe(weighting, query_patches, query_embedding)
     if probe is not None and candidate_norms is None:
         probe = None  # without the norms the cosines cannot give <g_j, p>; weights read g
-    dtype = COST_DTYPES.get(cfg.cost_dtype)
+    dtype = COST_DTYPES.get(cost_dtype)
     sim = patch_cosine(query_patches, codes, dtype, candidate_norms, candidate_scales, probe)
     candidate_probe = None
     if probe is not None:
         sim, probe_cos = sim
         candidate_probe = probe_cos[:, :, 0]
     u, v = compute_weights(
-        cfg.weighting,
+        weighting,
         sim,
         query_patches,
         candidate_patches,

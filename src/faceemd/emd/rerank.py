@@ -52,7 +52,7 @@ def two_stage_rank(
         query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
     )
     t1 = time.perf_counter()
-    k = stage2_depth(cfg, i1.shape[1])
+    k = stage2_depth(cfg.method, i1.shape[1])
     emd = None
     stats: dict = {}
     if k:

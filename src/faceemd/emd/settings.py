@@ -1,7 +1,9 @@
-"""Settings of two-stage ranking: the method's (``top_k``, ``alpha``, ``blend``, ``weighting``,
-``grid``), the solver's (``solver``, ``eps``, ``max_iter``, ``tol``, ``check_every``,
-``log_domain``, ``backend``) and the engine's (``cost_dtype``, ``query_batch``,
-``chunk_size``), as one flat record that ``conf/rerank/emd.yaml`` fills field by field.
+"""Settings of two-stage ranking, in three parts: the method's (:class:`MethodSettings`:
+``top_k``, ``alpha``, ``blend``, ``weighting``, ``grid``), the solver's (``solver`` and
+:class:`faceemd.emd.sinkhorn.SinkhornSettings`: ``eps``, ``max_iter``, ``tol``,
+``check_every``, ``log_domain``, ``backend``) and the engine's (:class:`EngineSettings`:
+``cost_dtype``, ``query_batch``, ``chunk_size``). :class:`RerankConfig` is the flat record
+``conf/rerank/emd.yaml`` fills field by field; the functions below it take only their part.
 
 The dataclass holds the only defaults: the YAML file lists the same values (a test keeps
 them equal). Fields marked ``scores=False`` do not change stage-2 EMD similarities, so the
@@ -16,7 +18,28 @@ from faceemd.emd.cost import COST_DTYPES
 from faceemd.emd.sinkhorn import SinkhornSettings
 from faceemd.emd.weights import WEIGHTINGS
 
-__all__ = ["RerankConfig"]
+__all__ = ["EngineSettings", "MethodSettings", "RerankConfig"]
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The method's settings (paper Sec. 2.3-2.5): what is ranked and how scores combine."""
+
+    top_k: int
+    alpha: float
+    blend: str
+    weighting: str
+    grid: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the work is carried out; none of it changes the method's definition (``cost_dtype``
+    changes scores only within the int8/bf16 rounding, see :mod:`faceemd.emd.cost`)."""
+
+    cost_dtype: str
+    query_batch: int | None
+    chunk_size: int
 
 
 def _no_score_effect(default):
@@ -70,7 +93,16 @@ class RerankConfig:
             f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("scores", True)
         }
 
+    @property
+    def method(self) -> MethodSettings:
+        return MethodSettings(self.top_k, self.alpha, self.blend, self.weighting, self.grid)
+
+    @property
+    def engine(self) -> EngineSettings:
+        return EngineSettings(self.cost_dtype, self.query_batch, self.chunk_size)
+
     def sinkhorn_settings(self) -> SinkhornSettings:
+        """The solver's settings (with :attr:`solver`, ``sinkhorn`` or ``exact``)."""
         return SinkhornSettings(
             self.eps, self.max_iter, self.tol, self.check_every, self.log_domain, self.backend
         )

@@ -13,7 +13,7 @@ from torch import Tensor
 from faceemd.emd.bank import FeatureBank, patch_summaries
 from faceemd.emd.cost import quantize_patches
 from faceemd.emd.problems import emd_problems, solve_problems
-from faceemd.emd.settings import RerankConfig
+from faceemd.emd.settings import MethodSettings, RerankConfig
 from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
 
 __all__ = ["blend_stage2", "prepare_gallery", "stage2_depth", "stage2_rerank", "stage2_scores"]
@@ -51,6 +51,7 @@ def stage2_scores(
     out = torch.zeros(q, k, device=query.patches.device)
     mapped = shared_file_mapping(rows)  # a gallery mapped from disk: release what was read
     gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
+    solver_settings = cfg.sinkhorn_settings()
     iterations = torch.zeros(q, k, dtype=torch.long)
     unconverged = 0
     q0 = 0
@@ -64,7 +65,8 @@ def stage2_scores(
             sim, u, v = emd_problems(
                 query.patches[q0:q1],
                 part.view(*cand.shape, *rows.shape[1:]),
-                cfg,
+                cfg.weighting,
+                cfg.cost_dtype,
                 query.embeddings[q0:q1],
                 gallery.embeddings[cand],
                 None if query.lmk is None else query.lmk[q0:q1],
@@ -73,7 +75,7 @@ def stage2_scores(
                 candidate_pooled=pooled[cand],
                 candidate_scales=None if scales is None else scales[cand],
             )
-            result = solve_problems(sim, u, v, cfg)
+            result = solve_problems(sim, u, v, cfg.solver, solver_settings)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -157,7 +159,7 @@ def stage2_rerank(
     optional precomputed :func:`stage2_scores` of those candidates. Returns ``(score, index)``
     of the same shape; columns from ``top_k`` on are unchanged.
     """
-    k = stage2_depth(cfg, stage1_index.shape[1])
+    k = stage2_depth(cfg.method, stage1_index.shape[1])
     if k == 0:
         return stage1_score.clone(), stage1_index.clone()
     if emd_similarity is None:
@@ -165,8 +167,8 @@ def stage2_rerank(
     return blend_stage2(stage1_score, stage1_index, emd_similarity, cfg.alpha, cfg.blend)
 
 
-def stage2_depth(cfg: RerankConfig, depth: int) -> int:
+def stage2_depth(method: MethodSettings, depth: int) -> int:
     """Candidates stage 2 re-ranks: 0 when it cannot change the order (k <= 1, or alpha = 0
     with the linear blend)."""
-    k = min(cfg.top_k, depth)
-    return 0 if k <= 1 or (cfg.blend == "linear" and cfg.alpha == 0.0) else k
+    k = min(method.top_k, depth)
+    return 0 if k <= 1 or (method.blend == "linear" and method.alpha == 0.0) else k
