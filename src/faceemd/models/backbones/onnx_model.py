@@ -21,6 +21,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import Tensor
 
@@ -29,18 +30,9 @@ from faceemd.models.backbones.base import FaceBackbone
 __all__ = ["OnnxBackbone", "SFace", "graph_tensors", "prepare_graph"]
 
 
-def _import_onnx():
-    try:
-        import onnx
-    except ImportError as err:  # declared as a dependency; say what to do if it is missing
-        raise ImportError("ONNX backbones need the onnx package: pip install onnx") from err
-    return onnx
-
-
 def graph_tensors(model) -> dict[str, list]:
     """``name -> shape`` (dims as ints or symbolic names, None when unknown) of every tensor a
     node produces or consumes from the graph's inputs, from ONNX shape inference."""
-    onnx = _import_onnx()
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
     except Exception:  # inference is best effort; names without shapes still help
@@ -71,10 +63,11 @@ def prepare_graph(model, outputs: list[str]):
     tensors as outputs. Raises ``ValueError`` listing the graph's tensors and shapes when a
     name in ``outputs`` is not in the graph.
     """
-    onnx = _import_onnx()
-    tensors = graph_tensors(model)
-    unknown = [name for name in outputs if name not in tensors]
-    if unknown:
+    g = model.graph
+    known = {name for node in g.node for name in node.output} | {vi.name for vi in g.input}
+    unknown = [name for name in outputs if name not in known]
+    if unknown:  # shape inference only to explain the error, not on every build
+        tensors = graph_tensors(model)
         listing = "\n  ".join(f"{n}: {s}" for n, s in tensors.items())
         raise ValueError(
             f"tensor(s) {unknown} not in the ONNX graph; its {len(tensors)} tensors "
@@ -130,7 +123,6 @@ class OnnxBackbone(FaceBackbone):
             raise FileNotFoundError(
                 f"ONNX model not found: {path} (set backbone.net.path to the .onnx file)"
             )
-        onnx = _import_onnx()
         data = path.read_bytes()
         model = onnx.load_from_string(data)
         self.path = str(path)
