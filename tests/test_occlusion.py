@@ -92,7 +92,7 @@ def test_occlusion_without_landmarks_errors_or_is_skip_listed(tmp_path):
 
     with pytest.raises(ValueError, match="no landmark annotation"):
         OccludedFaces(NoLandmarks(), "mask", tmp_path / "e")
-    with pytest.raises(ValueError, match="no occluded image"):
+    with pytest.raises(ValueError, match="no image could be made"):
         OccludedFaces(NoLandmarks(), "mask", tmp_path / "s", on_bad_image="skip")
     (folder,) = (tmp_path / "s").iterdir()
     entries = [json.loads(x) for x in (folder / "manifest.jsonl").read_text().splitlines()]

@@ -1,13 +1,17 @@
-"""The evaluation job behind ``evaluate.py``: extract, rank, score, report.
+"""The evaluation job behind ``evaluate.py``: extract, rank or verify, score, report.
 
 Composes the configured parts (data, backbone, rerank, cache, logger, trainer), takes each
-set's features from the feature cache or extracts them with Lightning's test loop, ranks and
-scores on rank 0, prints a stage-1 vs stage-2 table and writes ``metrics.json`` into the run
-folder. W&B is always finished, also on errors, so that each job of a multirun gets its own run.
+set's features from the feature cache or extracts them with Lightning's test loop, then either
+ranks the queries against the gallery (identification data) or scores the listed pairs
+(verification data, :class:`faceemd.data.datamodule.VerificationDataModule`), prints a stage-1
+vs stage-2 table and writes ``metrics.json`` into the run folder (verification also
+``pair_scores.csv``). W&B is always finished, also on errors, so that each job of a multirun
+gets its own run.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -25,18 +29,21 @@ from rich.console import Console
 from rich.table import Table
 
 from faceemd.cache import FeatureCache, cache_key
+from faceemd.data.datamodule import VerificationDataModule
 from faceemd.emd import RerankConfig
 from faceemd.extraction import load_or_extract
 from faceemd.features import ExtractedFeatures
 from faceemd.instantiators import build_cache, build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.ranking import evaluate_features
+from faceemd.verification import evaluate_pairs
 from faceemd.visualize import save_figures
 
 __all__ = [
     "ScoreCache",
     "check_job_settings",
     "log_figures",
+    "optimized_metric",
     "print_results",
     "render_figures",
     "run_evaluation",
@@ -49,7 +56,8 @@ log = logging.getLogger(__name__)
 
 class ScoreCache:
     """Stage-2 EMD similarities cached per (query features, gallery features, stage-2 settings
-    except alpha/blend, stage-1 candidates): jobs of an alpha sweep compute them once."""
+    except alpha/blend, candidates): jobs of an alpha sweep compute them once. Candidates are
+    the stage-1 top-k ``(Q, k)`` of a ranking, or the ``(N, 2)`` rows of verification pairs."""
 
     # Bumped when the engine's numbers change beyond tol (v2: int8 cost, numba backend; v3:
     # apc/cc/sc follow the public code, the printed forms are apc_dot/cc_dot/sc_eq8).
@@ -72,16 +80,16 @@ class ScoreCache:
         self.hit = found is not None
         return found
 
-    def store(self, ranking) -> None:
-        if self.cache is None or self.hit or ranking.emd_similarity is None:
+    def store(self, candidates: torch.Tensor, emd: torch.Tensor | None) -> None:
+        if self.cache is None or self.hit or emd is None:
             return
-        k = ranking.emd_similarity.shape[1]
-        candidates = ranking.stage1_index[:, :k]
-        self.cache.save_scores(self._key(candidates), candidates, ranking.emd_similarity)
+        self.cache.save_scores(self._key(candidates), candidates, emd)
 
 
 def print_results(results: dict[str, float], title: str) -> None:
     """Stage 1 vs stage 2 table on the console."""
+    if "stage1/accuracy" in results:
+        return print_verification(results, title)
     table = Table(title=title)
     table.add_column("stage")
     for col in ("P@1", "RP", "MAP@R", "max P@k"):
@@ -97,9 +105,38 @@ def print_results(results: dict[str, float], title: str) -> None:
     console.print(
         f"queries {results['eval/num_queries']} (excluded, R=0: "
         f"{results['eval/num_excluded_queries']}), gallery {results['eval/gallery_size']}, "
-        f"skipped images {results['eval/skipped_images']}; seconds: extract "
+        f"skipped images {results['eval/skipped_images']} (no face "
+        f"{results.get('eval/unusable_images', 0)}); seconds: extract "
         f"{results['eval/extract_seconds']:.1f}, stage 1 {results['eval/stage1_seconds']:.2f}, "
         f"stage 2 {results['eval/stage2_seconds']:.2f}"
+    )
+
+
+def print_verification(results: dict[str, float], title: str) -> None:
+    """Stage 1 vs stage 2 verification table on the console."""
+    table = Table(title=title)
+    tar = next((k.split("/", 1)[1] for k in results if k.startswith("stage1/tar_at_far_")), None)
+    table.add_column("stage")
+    for col in ("accuracy", "AUC", "EER", "TAR@FAR=" + tar[len("tar_at_far_") :] if tar else ""):
+        table.add_column(col, justify="right")
+    for stage in ("stage1", "stage2"):
+        acc, std = results[f"{stage}/accuracy"], results[f"{stage}/accuracy_std"]
+        table.add_row(
+            stage,
+            f"{100 * acc:.2f} +- {100 * std:.2f}",
+            f"{100 * results[f'{stage}/auc']:.2f}",
+            f"{100 * results[f'{stage}/eer']:.2f}",
+            f"{100 * results[f'{stage}/{tar}']:.2f}" if tar else "",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"pairs {results['eval/num_pairs']} ({results['eval/num_same_pairs']} same, "
+        f"{results['eval/num_folds']} folds; dropped: {results['eval/dropped_pairs']}), images "
+        f"{results['eval/num_images']}, skipped images {results['eval/skipped_images']} (no face "
+        f"{results.get('eval/unusable_images', 0)}); "
+        f"seconds: extract {results['eval/extract_seconds']:.1f}, stage 1 "
+        f"{results['eval/stage1_seconds']:.2f}, stage 2 {results['eval/stage2_seconds']:.2f}"
     )
 
 
@@ -147,15 +184,29 @@ def check_job_settings(cfg: DictConfig, datamodule, rerank: RerankConfig) -> Rer
     ``visualize.queries`` ids, ``optimized_metric``, and a ``top_k`` deeper than the gallery
     (capped with a warning). Returns the rerank settings to use."""
     n_query = len(datamodule.query)
-    bad = [q for q in (cfg.get("visualize") or {}).get("queries") or [] if not 0 <= q < n_query]
+    vis = cfg.get("visualize") or {}
+    verification = isinstance(datamodule, VerificationDataModule)
+    if verification and (vis.get("queries") or vis.get("num_queries")):
+        raise ValueError(
+            "visualize draws rankings of identification queries; this is "
+            "verification data: set visualize.num_queries=0 and queries=null"
+        )
+    bad = [q for q in vis.get("queries") or [] if not 0 <= q < n_query]
     if bad:
         raise ValueError(f"visualize.queries {bad} are not query ids (0..{n_query - 1})")
     metric = cfg.get("optimized_metric")
-    if metric and not METRIC_KEY.fullmatch(metric):
+    pattern = VERIFICATION_KEY if verification else METRIC_KEY
+    if metric and not pattern.fullmatch(metric):
         raise ValueError(
             f"optimized_metric {metric!r} is not a metric of this job; use stage1/ or stage2/ "
-            "followed by p_at_1, r_precision, map_at_r (or stage1/max_precision_at_k)"
+            + (
+                "followed by accuracy, accuracy_std, auc, eer or tar_at_far_0.001"
+                if verification
+                else "followed by p_at_1, r_precision, map_at_r (or stage1/max_precision_at_k)"
+            )
         )
+    if verification:
+        return rerank
     gallery = n_query - 1 if datamodule.same_images else len(datamodule.gallery)
     if rerank.top_k > gallery:
         log.warning(
@@ -170,16 +221,20 @@ def check_job_settings(cfg: DictConfig, datamodule, rerank: RerankConfig) -> Rer
 
 
 METRIC_KEY = re.compile(r"stage[12]/(p_at_1|r_precision|map_at_r)|stage1/max_precision_at_k")
+VERIFICATION_KEY = re.compile(r"stage[12]/(accuracy|accuracy_std|auc|eer|tar_at_far_[0-9.e-]+)")
 
 
 def skipped_images(feats: dict[str, ExtractedFeatures], sets: dict) -> dict[str, list[str]]:
-    """Names of the images each set skipped (positions without a feature row)."""
+    """Names of the images each set skipped: those that could not be made into the set (no
+    face found for an alignment or an overlay: ``"<source image>: <reason>"``) and those
+    unreadable at extraction (positions without a feature row)."""
     out = {}
     for name, f in feats.items():
         faces = sets[name]
         missing = sorted(set(range(len(faces))) - set(f.index.tolist()))
         files = getattr(faces, "files", None)
-        out[name] = [files[i] if files is not None else f"#{i}" for i in missing]
+        out[name] = [rel for rel, _ in getattr(faces, "skip_list", [])]
+        out[name] += [files[i] if files is not None else f"#{i}" for i in missing]
     return out
 
 
@@ -218,19 +273,27 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
-        # every process ranks its block of queries (one block without a process group)
         scores = ScoreCache(cache, feats, rerank)
-        r_counts_query = bool((cfg.get("metrics") or {}).get("r_counts_query", False))
-        results, ranking = evaluate_features(
-            query, gallery, rerank, same, scores.lookup, r_counts_query
-        )
+        ranking = pair_scores = None
+        if isinstance(datamodule, VerificationDataModule):
+            results, pair_scores, used = verify(feats["query"], query, datamodule, rerank, scores)
+        else:
+            # every process ranks its block of queries (one block without a process group)
+            r_counts_query = bool((cfg.get("metrics") or {}).get("r_counts_query", False))
+            results, ranking = evaluate_features(
+                query, gallery, rerank, same, scores.lookup, r_counts_query
+            )
         results["eval/cached_stage2"] = int(scores.hit)
         if not is_zero:
             return {}
         results.update(counters)
         sets = {"query": datamodule.query, "gallery": datamodule.gallery}
+        results["eval/unusable_images"] = sum(
+            len(getattr(faces, "skip_list", [])) for faces in sets.values()
+        )
         skipped = {k: v for k, v in skipped_images(feats, sets).items() if v}
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        config["optimized_metric"] = optimized_metric(cfg, results)
         write_json(out_dir / "metrics.json", {"metrics": results, "config": config})
         log.info("metrics written to %s", out_dir / "metrics.json")
         if skipped:
@@ -242,16 +305,78 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_metrics({k: float(v) for k, v in results.items()}, step=0)
             lg.save()
-        _optional("storing the stage-2 scores in the cache", scores.store, ranking)
-        figures = _optional(
-            "drawing the ranking figures",
-            render_figures, cfg, datamodule, feats, query, gallery, ranking, rerank,
-        )  # fmt: skip
-        _optional("logging the figures", log_figures, loggers, figures or [])
+        if ranking is None:
+            _optional(
+                "writing pair_scores.csv",
+                write_pair_scores, out_dir / "pair_scores.csv", datamodule.query, used, pair_scores,
+            )  # fmt: skip
+            emd = None if pair_scores.emd is None else pair_scores.emd.view(-1, 1)
+            _optional("storing the stage-2 scores in the cache", scores.store, used["rows"], emd)
+        else:
+            k = 0 if ranking.emd_similarity is None else ranking.emd_similarity.shape[1]
+            store = (ranking.stage1_index[:, :k], ranking.emd_similarity)
+            _optional("storing the stage-2 scores in the cache", scores.store, *store)
+            figures = _optional(
+                "drawing the ranking figures",
+                render_figures, cfg, datamodule, feats, query, gallery, ranking, rerank,
+            )  # fmt: skip
+            _optional("logging the figures", log_figures, loggers, figures or [])
     finally:
         finish_loggers()
     print_results(results, f"{cfg.task_name}: {cfg.data_name} / {cfg.backbone.name}")
     return results
+
+
+def optimized_metric(cfg: DictConfig, results: dict[str, float]) -> str:
+    """The metric returned to sweepers: ``optimized_metric``, else the job's headline metric
+    (stage-2 accuracy for verification, stage-2 P@1 for identification)."""
+    chosen = cfg.get("optimized_metric")
+    if chosen:
+        return chosen
+    return "stage2/accuracy" if "stage2/accuracy" in results else "stage2/p_at_1"
+
+
+def verify(feats: ExtractedFeatures, bank, datamodule, rerank: RerankConfig, scores: ScoreCache):
+    """Verification metrics of the datamodule's pairs. Pairs with an image that has no feature
+    row (skipped when read) are dropped and counted with those that lost it earlier.
+    Returns ``(metrics, PairScores, used)``; ``used`` describes the scored pairs: ``rows``
+    ``(N, 2)`` bank rows, ``positions`` ``(N, 2)`` set positions, ``same`` and ``fold`` ``(N,)``."""
+    pairs = datamodule.pairs
+    row_of = np.full(len(datamodule.query), -1, np.int64)
+    row_of[feats.index.numpy()] = np.arange(len(feats.index))
+    first, second = row_of[pairs.first], row_of[pairs.second]
+    keep = (first >= 0) & (second >= 0)
+    first_rows, second_rows = torch.from_numpy(first[keep]), torch.from_numpy(second[keep])
+    results, pair_scores = evaluate_pairs(
+        bank, first_rows, second_rows, pairs.same[keep], pairs.fold[keep], rerank, scores.lookup
+    )
+    results["eval/dropped_pairs"] = pairs.dropped + int((~keep).sum())
+    results["eval/num_images"] = len(feats.index)
+    used = {
+        "rows": torch.stack([first_rows, second_rows], 1),
+        "positions": np.stack([pairs.first[keep], pairs.second[keep]], 1),
+        "same": pairs.same[keep],
+        "fold": pairs.fold[keep],
+    }
+    return results, pair_scores, used
+
+
+def write_pair_scores(path: Path, faces, used: dict, pair_scores) -> None:
+    """One line per scored pair of :func:`verify`: both images, same person, fold and the
+    scores of each stage (for ROC curves and error analysis); written atomically."""
+    files = getattr(faces, "files", None)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["first", "second", "same", "fold", "cosine", "emd", "stage2"])
+        for i, (a, b) in enumerate(used["positions"].tolist()):
+            emd = "" if pair_scores.emd is None else f"{float(pair_scores.emd[i]):.6f}"
+            out.writerow([
+                files[a] if files else a, files[b] if files else b,
+                int(used["same"][i]), int(used["fold"][i]),
+                f"{float(pair_scores.cosine[i]):.6f}", emd, f"{float(pair_scores.stage2[i]):.6f}",
+            ])  # fmt: skip
+    os.replace(tmp, path)
 
 
 def _optional(what: str, step, *args):

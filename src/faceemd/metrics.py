@@ -1,4 +1,5 @@
-"""Identification metrics: P@1, R-Precision, MAP@R and max precision at k.
+"""Identification metrics (P@1, R-Precision, MAP@R, max precision at k) and verification
+metrics (10-fold accuracy, ROC AUC, EER, TAR at a FAR).
 
 Definitions follow Musgrave et al. 2020 ("A Metric Learning Reality Check"), as the paper does:
 for a query with R relevant gallery items (its own image excluded when it is in the gallery),
@@ -13,18 +14,24 @@ Queries with R = 0 are excluded from the means and counted. Everything works on 
 ``(Q, L)`` of gallery indices with ``L >= max R``, never on a dense ``Q x G`` matrix. The
 functions are pure; distributed runs gather the rankings, not partial metric sums
 (:mod:`faceemd.ranking`).
+
+Verification (:func:`verification_metrics`) scores pairs: a higher score means "same person".
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc, binary_roc
 
 __all__ = [
+    "best_threshold",
     "hits_from_ranking",
     "identification_metrics",
     "relevant_counts",
     "per_query_scores",
+    "verification_metrics",
 ]
 
 
@@ -110,3 +117,76 @@ def identification_metrics(
     out["num_queries"] = n
     out["num_excluded"] = int((~valid).sum())
     return out
+
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+    """The threshold ``t`` (accept when ``score >= t``) with the highest accuracy on these
+    pairs: candidates are the midpoints between consecutive distinct scores and one value
+    below and above all of them; the lowest of equally accurate candidates is taken."""
+    values = np.unique(scores)
+    candidates = np.concatenate(
+        [[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]]
+    )
+    pos, neg = np.sort(scores[same]), np.sort(scores[~same])
+    correct = (len(pos) - np.searchsorted(pos, candidates, "left")) + np.searchsorted(
+        neg, candidates, "left"
+    )
+    return float(candidates[int(np.argmax(correct))])
+
+
+def verification_metrics(
+    scores: np.ndarray, same: np.ndarray, fold: np.ndarray, far: float = 1e-3
+) -> dict[str, float]:
+    """Verification metrics of pair ``scores (N,)`` with ground truth ``same (N,)`` bool and
+    ``fold (N,)`` ids.
+
+    - ``accuracy`` / ``accuracy_std``: for each fold, the threshold of :func:`best_threshold`
+      on the other folds, applied to this fold; mean and (population) standard deviation over
+      the folds (the LFW / CFP protocol);
+    - ``auc``: area under the ROC curve (ties count half);
+    - ``eer``: equal error rate, where the false accept rate equals the false reject rate,
+      linearly interpolated between the ROC points around the crossing;
+    - ``tar_at_far_<far>`` (e.g. ``tar_at_far_0.001``): the highest true accept rate of a threshold whose false accept rate is
+      at most ``far``.
+    """
+    scores = np.asarray(scores, np.float64)
+    same = np.asarray(same, bool)
+    fold = np.asarray(fold)
+    if scores.shape != same.shape or scores.shape != fold.shape or scores.ndim != 1:
+        raise ValueError(
+            f"scores, same and fold must be equal-length vectors, got {scores.shape}, "
+            f"{same.shape}, {fold.shape}"
+        )
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} pair scores are not finite")
+    if same.all() or not same.any():
+        raise ValueError("verification needs both same-person and different-person pairs")
+    folds = np.unique(fold)
+    if len(folds) < 2:
+        raise ValueError("verification accuracy needs at least 2 folds")
+    accuracy = []
+    for f in folds:
+        test = fold == f
+        t = best_threshold(scores[~test], same[~test])
+        accuracy.append(float(((scores[test] >= t) == same[test]).mean()))
+    # the ROC is invariant to a monotone map: scale into [0, 1] so torchmetrics takes the scores
+    # as probabilities (outside [0, 1] it would apply a sigmoid)
+    span = scores.max() - scores.min()
+    probs = torch.from_numpy((scores - scores.min()) / (span if span > 0 else 1.0))
+    target = torch.from_numpy(same.astype(np.int64))
+    fpr, tpr, _ = (x.double().numpy() for x in binary_roc(probs, target))
+    fnr = 1.0 - tpr
+    cross = int(np.argmax(fpr >= fnr))  # fpr rises from 0 and fnr falls to 0 along the curve
+    if cross == 0:
+        eer = float(fpr[0])
+    else:
+        d0, d1 = fpr[cross - 1] - fnr[cross - 1], fpr[cross] - fnr[cross]
+        w = d0 / (d0 - d1)
+        eer = float(fpr[cross - 1] + w * (fpr[cross] - fpr[cross - 1]))
+    return {
+        "accuracy": float(np.mean(accuracy)),
+        "accuracy_std": float(np.std(accuracy)),
+        "auc": float(binary_auroc(probs, target)),
+        "eer": eer,
+        f"tar_at_far_{far:g}": float(tpr[fpr <= far].max()),
+    }

@@ -1,4 +1,5 @@
-"""Identification datamodule: a query set and a gallery set, prepared for one backbone.
+"""Identification datamodule (a query set and a gallery set) and verification datamodule (one
+set of images and the pairs over it), prepared for one backbone.
 
 ``query`` and ``gallery`` are any face sets whose items are ``(image, identity name,
 landmarks)`` (:mod:`faceemd.data.synthetic`, :mod:`faceemd.data.folders`). With
@@ -17,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from faceemd.data.pairs import pairs_of
 from faceemd.data.transforms import FaceInput
 
-__all__ = ["IdentificationDataModule", "PreparedFaces", "collate_faces"]
+__all__ = ["IdentificationDataModule", "PreparedFaces", "VerificationDataModule", "collate_faces"]
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +135,33 @@ class IdentificationDataModule(L.LightningDataModule):
         return loaders
 
     val_dataloader = test_dataloader
+
+
+class VerificationDataModule(IdentificationDataModule):
+    """The images of a verification pair list as one set (extracted once, like a query set
+    that is its own gallery) and :attr:`pairs` (:class:`faceemd.data.pairs.Pairs`) over its
+    positions, read after setup from ``faces`` (a :class:`faceemd.data.pairs.PairFaces`,
+    possibly wrapped in an aligned or occluded set; pairs that lost an image are dropped and
+    counted)."""
+
+    def __init__(
+        self,
+        faces,
+        face_input: FaceInput | None = None,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        frame: str | None = None,
+    ) -> None:
+        super().__init__(faces, None, face_input, batch_size, num_workers, frame)
+        self.pairs = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.pairs = pairs_of(self.query)
+        log.info(
+            "verification pairs: %d (%d same, %d folds), %d dropped (an image without a face)",
+            len(self.pairs),
+            int(self.pairs.same.sum()),
+            len(set(self.pairs.fold.tolist())),
+            self.pairs.dropped,
+        )

@@ -34,6 +34,7 @@ __all__ = [
     "ImageListFaces",
     "LABEL_PATTERNS",
     "MAX_PIXELS",
+    "NoFaceError",
     "read_image",
     "read_landmarks",
 ]
@@ -51,6 +52,10 @@ log = logging.getLogger(__name__)
 
 class BadImageError(ValueError):
     """An image file is missing or cannot be decoded."""
+
+
+class NoFaceError(ValueError):
+    """No usable face (box or landmarks) in an image that needs one."""
 
 
 # Larger images are refused before they are decoded (a 20000 x 20000 JPEG of 6 MB decodes to
@@ -192,6 +197,15 @@ class _FileFaces:
             "on_bad_image": self.on_bad_image,
             "content_hash": content_hash,
         }
+
+    def points5(self, index: int) -> np.ndarray | None:
+        """The annotated 5 alignment points ``(5, 2)`` of item ``index`` (``landmarks5.tsv``
+        beside the images, the ``shared/data`` format), or None when there are none."""
+        if not hasattr(self, "_points5"):
+            tsv = self.root / "landmarks5.tsv"
+            self._points5 = read_landmarks(tsv) if tsv.is_file() else {}
+        found = self._points5.get(self.files[index])
+        return None if found is None else found.astype(np.float64)
 
     def __getitem__(self, index: int):
         rel = self.files[index]
@@ -350,7 +364,9 @@ def _images_in_pairs(pairs_file: Path, root: Path, stems: dict[str, str]) -> lis
 class CfpFaces(_FileFaces):
     """CFP layout ``root/Data/Images/<id>/<pose>/NN.jpg``; pose ``frontal`` or ``profile``;
     the identity is the folder id (the paper's CFP protocol: profile queries vs frontal
-    gallery)."""
+    gallery). The photos are not aligned: wrap the set in
+    :class:`faceemd.data.aligned.AlignedFaces`. :meth:`points5` derives the 5 alignment points
+    of a frontal photo from its 30 fiducials (``Data/Fiducials/<id>/<pose>/NN.txt``)."""
 
     def __init__(
         self,
@@ -373,3 +389,34 @@ class CfpFaces(_FileFaces):
             self.labels += [ident] * len(names)
         if not self.files:
             raise ValueError(f"no {pose} image under {images}")
+
+    def points5(self, index: int) -> np.ndarray:
+        """5 alignment points of a frontal photo from its fiducials. The 30 points mark one
+        half of the face (0-8 jaw, 9-11 brow, 12-17 eye, 18-21 nose bridge down to the tip,
+        22-24 nose base, 25 mouth corner, 26-29 lip midline); the other eye and mouth corner
+        are mirrored across the line fitted to the bridge and lip midline. A profile photo's
+        fiducials mark only the visible half: no 5-point alignment (a :class:`NoFaceError`)."""
+        rel = Path(self.files[index])
+        if rel.parts[-2] != "frontal":
+            raise NoFaceError(
+                f"{rel}: CFP fiducials of a profile face mark only its visible half, not both "
+                "eyes; align profile photos with the detector (points: detector)"
+            )
+        path = self.root / "Data" / "Fiducials" / rel.parts[-3] / "frontal" / f"{rel.stem}.txt"
+        try:
+            pts = np.loadtxt(path, delimiter=",", ndmin=2)
+        except (OSError, ValueError) as err:
+            raise NoFaceError(f"{rel}: fiducials {path} unreadable ({err})") from err
+        if pts.shape != (30, 2) or not np.isfinite(pts).all():
+            raise NoFaceError(f"{path}: expected 30 'x,y' lines, got shape {pts.shape}")
+        midline = np.concatenate([pts[18:22], pts[26:30]])
+        centre = midline.mean(0)
+        direction = np.linalg.svd(midline - centre)[2][0]
+
+        def mirrored(p: np.ndarray) -> np.ndarray:
+            return 2 * (centre + ((p - centre) @ direction) * direction) - p
+
+        eye, corner = pts[12:18].mean(0), pts[25]
+        eyes = sorted([eye, mirrored(eye)], key=lambda p: p[0])
+        corners = sorted([corner, mirrored(corner)], key=lambda p: p[0])
+        return np.stack([eyes[0], eyes[1], pts[21], corners[0], corners[1]])

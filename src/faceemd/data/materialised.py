@@ -1,0 +1,142 @@
+"""Face sets derived image by image from a source set and written to disk once, with a manifest.
+
+Occluded query sets (:mod:`faceemd.data.occluded`) and detected-and-aligned photos
+(:mod:`faceemd.data.aligned`) turn every image of a source face set into a new image under
+``out_root/<kind>-<key>/``, where the key hashes the recipe (what the subclass says changes the
+output). ``manifest.jsonl`` gets one line per image as it is written (``ok`` with the new
+image's landmarks, or ``skipped`` with the reason) and the source file's size and time, so a
+killed run resumes where it stopped, every later job (e.g. of a sweep) reuses the files, and
+an edited source image is redone. Sets whose recipes agree share one folder and manifest (a
+set of frontal and one of profile photos of the same root): each reads its own images from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from faceemd.data.folders import BadImageError, NoFaceError, _FileFaces
+from faceemd.data.manifest import Manifest, landmark_list, write_image
+
+__all__ = ["MaterialisedFaces"]
+
+log = logging.getLogger(__name__)
+
+
+class MaterialisedFaces(_FileFaces):
+    """Base of the file-backed sets made from ``source``; subclasses implement :meth:`make`.
+
+    source: a face set whose items are ``(image, name, landmarks)``; recipe: JSON-able dict
+    that keys the output folder; kind: folder prefix; on_bad_image: ``error`` or ``skip``
+    (unreadable source image, :class:`NoFaceError`). After construction it behaves as a
+    file-backed face set over the written PNGs in source order; ``source_index[i]`` is the
+    source position of item ``i`` and ``skip_list`` holds ``(relpath, reason)`` of the skipped.
+    """
+
+    def __init__(self, source, recipe: dict, out_root: str | Path, kind: str, on_bad_image: str):
+        key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+        folder = Path(out_root) / f"{kind}-{key}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
+        self.source = source
+        self._source_names = list(source.label_names())
+        super().__init__(folder, on_bad_image, landmarks=str(folder / "landmarks68.tsv"))
+        self.source_index: list[int] = []
+        self._materialise()
+
+    def make(
+        self, index: int, image: np.ndarray, lmk: np.ndarray, rel: str
+    ) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        """``(new image, its landmarks (68, 2) or None, extra manifest fields)`` for source item
+        ``index``; raises :class:`NoFaceError` when the image has no usable face."""
+        raise NotImplementedError
+
+    def finished(self) -> None:
+        """Called once every image is made or reused (release detectors, models)."""
+
+    def _relpath(self, index: int) -> str:
+        """The new image's path inside this set's folder, derived from the source's: the
+        same relative path for a plain relative one; for an absolute path or one that climbs
+        out (``..``) a name under ``_outside/`` with a hash of the source path, so no written
+        file can land outside the folder or on a source image."""
+        files = getattr(self.source, "files", None)
+        if files is None:
+            return f"{self._source_names[index]}/{index:06d}.png"
+        src = Path(files[index])
+        if src.is_absolute() or ".." in src.parts or not src.parts:
+            digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
+            return f"_outside/{digest}-{src.stem}.png"
+        return str(src.with_suffix(".png"))
+
+    def _stamp(self, index: int) -> str | None:
+        """Size and modification time of the source file (None for generated sources)."""
+        files, root = getattr(self.source, "files", None), getattr(self.source, "root", None)
+        if files is None or root is None:
+            return None
+        try:
+            st = (Path(root) / files[index]).stat()
+        except OSError:
+            return "missing"
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def _one(self, index: int, rel: str) -> dict:
+        item = self.source[index]
+        if item is None:
+            raise BadImageError(f"source image {index} ({rel}) is unreadable")
+        image, _, lmk = item
+        out, new_lmk, extra = self.make(index, image, lmk, rel)
+        target = (self.root / rel).resolve()
+        if not target.is_relative_to(self.root.resolve()):  # e.g. a symlinked folder inside
+            raise ValueError(f"refusing to write {target}: outside {self.root}")
+        write_image(target, out)
+        entry = {"rel": rel, "status": "ok", **extra}
+        if new_lmk is not None and np.isfinite(new_lmk).all():
+            entry["landmarks"] = landmark_list(new_lmk)
+        return entry
+
+    def _materialise(self) -> None:
+        made = skipped = 0
+        rels = [self._relpath(i) for i in range(len(self.source))]
+        with Manifest(self.root) as manifest:
+            for index, rel in enumerate(rels):
+                stamp = self._stamp(index)
+                if rel in manifest.done and manifest.done[rel].get("stamp") == stamp:
+                    continue
+                try:
+                    entry = self._one(index, rel)
+                    made += 1
+                except (BadImageError, NoFaceError) as err:
+                    if self.on_bad_image != "skip":
+                        raise
+                    entry = {"rel": rel, "status": "skipped", "reason": str(err)}
+                    skipped += 1
+                manifest.record({**entry, "stamp": stamp})
+            done = manifest.done
+        self.finished()
+        self.manifest_path = manifest.path
+        self.skip_list = []
+        for index, rel in enumerate(rels):
+            entry = done[rel]
+            if entry["status"] != "ok":
+                self.skip_list.append((rel, entry["reason"]))
+                continue
+            self.files.append(rel)
+            self.labels.append(self._source_names[index])
+            self.source_index.append(index)
+            if "landmarks" in entry:
+                self.landmarks[rel] = np.asarray(entry["landmarks"], np.float32).reshape(-1, 2)
+        if not self.files:
+            raise ValueError(f"no image could be made from the source set ({self.root})")
+        log.info(
+            "%s: %d images (%d new, %d reused), %d skipped (%d of them now)",
+            self.root,
+            len(self.files),
+            made,
+            len(self.files) - made,
+            len(self.skip_list),
+            skipped,
+        )

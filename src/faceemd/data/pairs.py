@@ -1,0 +1,282 @@
+"""Verification pair lists in their distributed layouts, and the face set of the images they name.
+
+Layouts (``shared/docs/DATASETS.md``):
+
+- ``lfw``: LFW ``pairs.txt``: header ``<folds> <n>``, then per fold ``n`` lines ``name i j``
+  (same person) and ``n`` lines ``name1 i name2 j`` (different); images
+  ``<name>/<name>_<i:04d>.jpg``.
+- ``triplets``: ``img1 img2 label`` lines, label 1 (or any non-zero) for the same person
+  (MLFW ``pairs.txt``; AgeDB-30 lists written out this way); folds are equal consecutive
+  blocks.
+- ``calfw``: CALFW ``pairs_CALFW.txt``: two lines ``img label`` per pair; same person when the
+  labels are non-zero; folds are equal consecutive blocks.
+- ``cfp_ff`` / ``cfp_fp``: CFP ``Protocol/Split/{FF,FP}/<01..10>/{same,diff}.txt`` lines
+  ``i,j`` (1-based) indexing ``Pair_list_F.txt`` (and ``Pair_list_P.txt`` for the second
+  image of FP); the fold is the split folder.
+
+Image names in ``triplets`` and ``calfw`` files may omit the extension (matched by stem in a
+flat folder). A missing image, a malformed line or a fold count that does not divide the pairs
+is an error naming the file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from faceemd.data.folders import IMAGE_SUFFIXES, LABEL_PATTERNS, MAX_PIXELS, _FileFaces
+
+__all__ = ["LAYOUTS", "PairFaces", "Pairs", "pairs_of"]
+
+LAYOUTS = ("lfw", "triplets", "calfw", "cfp_ff", "cfp_fp")
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """``N`` verification pairs over the positions of a face set: ``first``, ``second`` (N,)
+    int64 positions; ``same`` (N,) bool; ``fold`` (N,) int64 in ``0..folds-1``; ``dropped``:
+    how many listed pairs lost an image (no face, unreadable) and are left out."""
+
+    first: np.ndarray
+    second: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+
+class _Reader:
+    """Collects ``(rel_a, rel_b, same)`` rows, naming images by relative path under ``root``."""
+
+    def __init__(self, root: Path, path: Path) -> None:
+        self.root, self.path = root, path
+        self.rows: list[tuple[str, str, bool]] = []
+        self.lines: list[int] = []
+        self._stems: dict[str, str] | None = None
+
+    def error(self, line_no: int, what: str) -> ValueError:
+        return ValueError(f"{self.path}:{line_no}: {what}")
+
+    def image(self, token: str, line_no: int) -> str:
+        """Relative path of ``token``: as given, else by stem in the root folder."""
+        if (self.root / token).is_file():
+            return token
+        if Path(token).suffix.lower() not in IMAGE_SUFFIXES:
+            if self._stems is None:
+                self._stems = {
+                    p.stem: p.name
+                    for p in self.root.iterdir()
+                    if p.suffix.lower() in IMAGE_SUFFIXES
+                }
+            if token in self._stems:
+                return self._stems[token]
+        raise FileNotFoundError(f"{self.path}:{line_no} names {token}, which is not in {self.root}")
+
+    def add(self, a: str, b: str, same: bool, line_no: int) -> None:
+        self.rows.append((a, b, same))
+        self.lines.append(line_no)
+
+
+def _lines(path: Path) -> list[tuple[int, list[str]]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"pair file not found: {path}")
+    out = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            out.append((line_no, re.split(r"[\s,]+", line.strip())))
+    if not out:
+        raise ValueError(f"pair file {path} lists no pair")
+    return out
+
+
+def _int(token: str, reader: _Reader, line_no: int) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise reader.error(line_no, f"{token!r} is not an image number") from None
+
+
+def _read_lfw(reader: _Reader) -> int:
+    lines = _lines(reader.path)
+    (line_no, header), body = lines[0], lines[1:]
+    if len(header) != 2 or not all(t.isdigit() for t in header):
+        raise reader.error(
+            line_no, f"expected the header '<folds> <pairs per class>', got {header}"
+        )
+    folds, n = int(header[0]), int(header[1])
+    if len(body) != 2 * folds * n:
+        raise reader.error(
+            line_no, f"header announces {folds} folds x {2 * n} pairs, the file has {len(body)}"
+        )
+
+    def rel(name: str, number: str, line_no: int) -> str:
+        return reader.image(f"{name}/{name}_{_int(number, reader, line_no):04d}.jpg", line_no)
+
+    for line_no, t in body:
+        if len(t) == 3:
+            reader.add(rel(t[0], t[1], line_no), rel(t[0], t[2], line_no), True, line_no)
+        elif len(t) == 4:
+            reader.add(rel(t[0], t[1], line_no), rel(t[2], t[3], line_no), False, line_no)
+        else:
+            raise reader.error(line_no, f"expected 'name i j' or 'name1 i name2 j', got {t}")
+    return folds
+
+
+def _read_triplets(reader: _Reader) -> None:
+    for line_no, t in _lines(reader.path):
+        if len(t) != 3:
+            raise reader.error(line_no, f"expected 'img1 img2 label', got {t}")
+        same = _int(t[2], reader, line_no) != 0
+        reader.add(reader.image(t[0], line_no), reader.image(t[1], line_no), same, line_no)
+
+
+def _read_calfw(reader: _Reader) -> None:
+    lines = _lines(reader.path)
+    if len(lines) % 2:
+        raise reader.error(lines[-1][0], "odd number of lines: pairs take two lines each")
+    for (n1, t1), (n2, t2) in zip(lines[::2], lines[1::2], strict=True):
+        for line_no, t in ((n1, t1), (n2, t2)):
+            if len(t) != 2:
+                raise reader.error(line_no, f"expected 'img label', got {t}")
+        same = _int(t1[1], reader, n1) != 0 and _int(t2[1], reader, n2) != 0
+        reader.add(reader.image(t1[0], n1), reader.image(t2[0], n2), same, n1)
+
+
+def _read_cfp(root: Path, protocol: str) -> tuple[list[tuple[str, str, bool]], list[int]]:
+    """CFP rows and folds; ``root`` is the CFP root (``Protocol/``, ``Data/``)."""
+
+    def pair_list(name: str) -> list[str]:
+        path = root / "Protocol" / name
+        reader = _Reader(root, path)
+        out = []
+        for line_no, t in _lines(path):
+            if len(t) != 2 or _int(t[0], reader, line_no) != len(out) + 1:
+                raise reader.error(line_no, f"expected '{len(out) + 1} <path>', got {t}")
+            rel = str(Path(t[1]).relative_to("..")) if t[1].startswith("../") else t[1]
+            out.append(reader.image(rel, line_no))
+        return out
+
+    frontal = pair_list("Pair_list_F.txt")
+    second = frontal if protocol == "FF" else pair_list("Pair_list_P.txt")
+    split = root / "Protocol" / "Split" / protocol
+    folders = sorted(p for p in split.iterdir() if p.is_dir()) if split.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(f"no fold folders under {split}")
+    rows, folds = [], []
+    for fold, folder in enumerate(folders):
+        for kind in ("same", "diff"):
+            path = folder / f"{kind}.txt"
+            reader = _Reader(root, path)
+            for line_no, t in _lines(path):
+                if len(t) != 2:
+                    raise reader.error(line_no, f"expected 'i,j', got {t}")
+                i, j = _int(t[0], reader, line_no), _int(t[1], reader, line_no)
+                if not (1 <= i <= len(frontal) and 1 <= j <= len(second)):
+                    raise reader.error(
+                        line_no, f"{i},{j} outside 1..{len(frontal)} / 1..{len(second)}"
+                    )
+                rows.append((frontal[i - 1], second[j - 1], kind == "same"))
+                folds.append(fold)
+    return rows, folds
+
+
+class PairFaces(_FileFaces):
+    """The images a verification pair list names (each once, in order of first mention), with
+    the pairs over their positions in :attr:`pairs`.
+
+    root: the image folder (the data set root for ``lfw`` and the CFP layouts); pairs_file: the
+    pair list (unused by the CFP layouts, which read ``root/Protocol``); layout: one of
+    :data:`LAYOUTS`; folds: number of equal consecutive folds for ``triplets``/``calfw``
+    (``lfw`` reads it from its header); label_pattern: identity of a flat-folder file name
+    (:data:`faceemd.data.folders.LABEL_PATTERNS` key or regex; unmatched names are their own
+    identity). Identities only name the images here; verification reads only the pair labels.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        layout: str,
+        pairs_file: str | Path | None = None,
+        folds: int = 10,
+        label_pattern: str = "lfw",
+        on_bad_image: str = "error",
+        landmarks: str | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        super().__init__(root, on_bad_image, landmarks, max_pixels)
+        if layout.startswith("cfp"):
+            rows, fold = _read_cfp(self.root, layout[4:].upper())
+            source = self.root / "Protocol" / "Split" / layout[4:].upper()
+        else:
+            if pairs_file is None:
+                raise ValueError(f"layout {layout!r} needs pairs_file")
+            source = Path(pairs_file)
+            reader = _Reader(self.root, source)
+            if layout == "lfw":
+                folds = _read_lfw(reader)
+            else:
+                (_read_triplets if layout == "triplets" else _read_calfw)(reader)
+            rows = reader.rows
+            if folds < 1 or len(rows) % folds:
+                raise ValueError(
+                    f"{source}: {len(rows)} pairs do not split into {folds} equal folds "
+                    "(set folds to a divisor)"
+                )
+            size = len(rows) // folds
+            fold = [i // size for i in range(len(rows))]
+        position: dict[str, int] = {}
+        for a, b, _ in rows:
+            for rel in (a, b):
+                position.setdefault(rel, len(position))
+        self.files = list(position)
+        regex = re.compile(LABEL_PATTERNS.get(label_pattern, label_pattern))
+        self.labels = [_identity(rel, layout, regex) for rel in self.files]
+        self.pairs = Pairs(
+            np.array([position[a] for a, _, _ in rows], np.int64),
+            np.array([position[b] for _, b, _ in rows], np.int64),
+            np.array([s for _, _, s in rows], bool),
+            np.asarray(fold, np.int64),
+        )
+        self.pair_source = source
+
+
+def _identity(rel: str, layout: str, regex: re.Pattern) -> str:
+    parts = Path(rel).parts
+    if layout.startswith("cfp"):
+        return parts[-3]  # Data/Images/<id>/<pose>/NN.jpg
+    if layout == "lfw":
+        return parts[-2]
+    match = regex.fullmatch(Path(rel).stem)
+    return match.group("name") if match else Path(rel).stem
+
+
+def pairs_of(faces) -> Pairs:
+    """The pairs of ``faces`` over its own positions: a :class:`PairFaces`, or a set made from
+    one image by image (aligned, occluded: ``source`` and ``source_index``), where pairs whose
+    image was skipped are dropped and counted."""
+    if hasattr(faces, "pairs"):
+        return faces.pairs
+    if not (hasattr(faces, "source") and hasattr(faces, "source_index")):
+        raise ValueError(
+            f"{type(faces).__name__} has no verification pairs: use PairFaces (data.faces) "
+            "or a set made from one"
+        )
+    inner = pairs_of(faces.source)
+    where = np.full(len(faces.source), -1, np.int64)
+    where[np.asarray(faces.source_index, np.int64)] = np.arange(len(faces.source_index))
+    first, second = where[inner.first], where[inner.second]
+    keep = (first >= 0) & (second >= 0)
+    return Pairs(
+        first[keep],
+        second[keep],
+        inner.same[keep],
+        inner.fold[keep],
+        inner.dropped + int((~keep).sum()),
+    )
