@@ -306,3 +306,103 @@ def test_checkpoint_mixups_get_messages_that_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=r"strip_prefixes=\[model.\]"):
         load_backbone_weights(TinyFaceNet(), tmp_path / "prefixed.pt")
     load_backbone_weights(TinyFaceNet(), tmp_path / "prefixed.pt", strip_prefixes=["model."])
+
+
+def _synthetic_cfp_and_lfw(root):
+    """A CFP tree of raw (unaligned) generated faces with landmarks68.tsv and list_name.txt,
+    and an LFW tree of aligned 112x96 generated faces; person 'Shared_Person' is in both, and
+    CFP person 005 has a single photo."""
+    import cv2
+
+    from faceemd.data.synthetic import SyntheticFaces
+
+    cfp, lfw = root / "cfp", root / "lfw"
+    raw = SyntheticFaces(num_identities=5, images_per_identity=4, seed=3)
+    names = ["Ann_A", "Bob_B", "Cid_C", "Shared_Person", "Dee_D"]
+    rows = []
+    for i in range(len(raw)):
+        person, k = i // 4, i % 4
+        if person == 4 and k > 0:
+            continue
+        pose, number = ("frontal", k + 1) if k < 3 else ("profile", 1)
+        rel = f"Data/Images/{person + 1:03d}/{pose}/{number:02d}.jpg"
+        image, _, lmk = raw[i]
+        (cfp / rel).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(cfp / rel), image if image.ndim == 2 else image[..., ::-1])
+        rows.append(rel + "\t" + "\t".join(f"{v:.2f}" for v in lmk.reshape(-1)))
+    (cfp / "landmarks68.tsv").write_text("\n".join(rows) + "\n")
+    (cfp / "Data" / "list_name.txt").write_text("\n".join(n.replace("_", " ") for n in names))
+    aligned = SyntheticFaces(
+        num_identities=4, images_per_identity=3, seed=1000, template="sphereface_112x96"
+    )
+    lfw_names = ["Eve_E", "Fay_F", "Gus_G", "Shared_Person"]
+    rows = []
+    for i in range(len(aligned)):
+        name = lfw_names[i // 3]
+        rel = f"{name}/{name}_{i % 3 + 1:04d}.png"
+        image, _, lmk = aligned[i]
+        (lfw / rel).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(lfw / rel), image if image.ndim == 2 else image[..., ::-1])
+        rows.append(rel + "\t" + "\t".join(f"{v:.2f}" for v in lmk.reshape(-1)))
+    (lfw / "landmarks68.tsv").write_text("\n".join(rows) + "\n")
+    return cfp, lfw
+
+
+def test_real_finetune_pipeline_short_version(tmp_path):
+    """experiment=real_finetune_mobilefacenet on generated CFP and LFW trees, one epoch, then
+    the exported backbone in evaluate.py; and the refusal when training and validation share a
+    person."""
+    cfp, lfw = _synthetic_cfp_and_lfw(tmp_path)
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    common = [
+        f"paths.cfp_dir={cfp}",
+        f"paths.lfw_dir={lfw}",
+        f"paths.log_dir={tmp_path / 'out'}",
+        "backbone.weights=null",  # no ../shared in CI; the real run starts from the CASIA net
+        "train_data.train.landmark_model=null",  # the generated CFP tree has its landmarks
+        "train_data.batch_size=8",
+        "train_data.num_workers=0",
+        "train_data.val.num_workers=0",
+        "rerank.top_k=5",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    ]
+
+    def run(script, args):
+        return subprocess.run(
+            [sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env,
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    out = run("train.py", ["experiment=real_finetune_mobilefacenet", *common])
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    assert "1 identities with fewer than 2 images skipped (1 images)" in log
+    assert (
+        "1 identities removed because the excluded set has them too (4 images): Shared_Person"
+        in log
+    )
+    (run_dir,) = (tmp_path / "out" / "train" / "runs").iterdir()
+    export = run_dir / "export" / "backbone.pt"
+    assert export.is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list(run_dir.glob("checkpoints/best-*.ckpt"))
+    assert list(run_dir.glob("wandb/offline-run-*")) and list(run_dir.glob("csv/*/metrics.csv"))
+    metrics = (next(run_dir.glob("csv/*/metrics.csv"))).read_text()
+    assert "stage1/p_at_1" in metrics and "stage2/p_at_1" in metrics
+    # the finetuned backbone in the evaluation of the README's table (LFW mask protocol)
+    ev = run("evaluate.py", [
+        "experiment=real_lfw_mobilefacenet", "data=lfw_mask", "hydra.mode=RUN",
+        f"backbone.weights={export}", *common[1:3], "rerank.top_k=5",
+        "trainer.enable_progress_bar=false", "data.num_workers=0",
+    ])  # fmt: skip
+    assert ev.returncode == 0, (ev.stdout + ev.stderr)[-4000:]
+    (result,) = (tmp_path / "out" / "evaluate" / "runs").glob("*/metrics.json")
+    assert json.loads(result.read_text())["metrics"]["eval/num_queries"] == 12
+    # without the exclusion the shared person would be trained on: refused, named
+    out = run("train.py", [
+        "experiment=real_finetune_mobilefacenet", "train_data.exclude_identities=null", *common
+    ])  # fmt: skip
+    assert out.returncode != 0
+    assert "1 identities are both training and validation identities: Shared_Person" in (
+        out.stdout + out.stderr
+    )

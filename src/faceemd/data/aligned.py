@@ -9,6 +9,9 @@ folder, a pair list) and writes each face warped into ``template`` (normally the
 with ``points='annotations'``, from the data set's own landmarks (``landmarks5.tsv``, CFP
 fiducials of frontal photos, else 68-point landmarks). A photo without a face is reported by
 name (error), or skipped and listed with ``on_bad_image='skip'``: never a black crop.
+The source's 68-point landmarks are carried into the aligned frame; for a source without them,
+``landmark_model`` (an ONNX 68-point model) finds them on the aligned face, so that mask
+overlays and the LMK weighting work on raw photos too (kept only where they look like a face).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from faceemd.data.align import TEMPLATES, align_face, five_points
 from faceemd.data.detection import YuNetDetector
 from faceemd.data.folders import NoFaceError
+from faceemd.data.landmarks import OnnxLandmarker, plausible_landmarks
 from faceemd.data.materialised import MaterialisedFaces
 
 __all__ = ["AlignedFaces", "POINT_SOURCES"]
@@ -31,7 +35,8 @@ class AlignedFaces(MaterialisedFaces):
     """Faces of ``source`` aligned to ``template``, materialised under ``out_root``.
 
     points: ``detector`` (YuNet) or ``annotations``; detector: keyword arguments of
-    :class:`YuNetDetector` (model, score_threshold, nms_threshold, max_side); on_bad_image:
+    :class:`YuNetDetector` (model, score_threshold, nms_threshold, max_side); landmark_model:
+    optional ONNX 68-point model for sources without 68-point landmarks; on_bad_image:
     ``error`` or ``skip``. 68-point landmarks of the source, when known, are carried into the
     aligned frame. Images that share a root folder share the output folder, so a frontal and a
     profile set of one data set (or its pair lists) align each photo once.
@@ -44,6 +49,7 @@ class AlignedFaces(MaterialisedFaces):
         out_root: str | Path,
         points: str = "detector",
         detector: dict | None = None,
+        landmark_model: str | None = None,
         on_bad_image: str = "error",
     ) -> None:
         if template is None:
@@ -59,6 +65,7 @@ class AlignedFaces(MaterialisedFaces):
         self.template = template
         self.points = points
         self._detector = YuNetDetector(**(detector or {})) if points == "detector" else None
+        self._landmarker = OnnxLandmarker(landmark_model) if landmark_model else None
         root = getattr(source, "root", None)
         recipe = {
             # file-backed sets are keyed by their folder (each image is stamped in the
@@ -67,6 +74,7 @@ class AlignedFaces(MaterialisedFaces):
             "template": template,
             "points": points,
             "detector": self._detector.settings() if self._detector else None,
+            "landmark_model": Path(landmark_model).name if landmark_model else None,
             "v": 1,
         }
         super().__init__(source, recipe, out_root, "aligned", on_bad_image)
@@ -91,7 +99,10 @@ class AlignedFaces(MaterialisedFaces):
         new_lmk = None
         if lmk is not None and np.isfinite(lmk).all():
             new_lmk = np.asarray(lmk, np.float64) @ m[:, :2].T + m[:, 2]
+        elif self._landmarker is not None:
+            found = self._landmarker(aligned)
+            new_lmk = found if plausible_landmarks(found, aligned.shape) else None
         return aligned, new_lmk, {"points5": np.round(pts, 2).reshape(-1).tolist(), **extra}
 
     def finished(self) -> None:
-        self._detector = None  # an OpenCV network: not for the loader workers
+        self._detector = self._landmarker = None  # networks: not for the loader workers

@@ -225,8 +225,9 @@ class _FileFaces:
 class ImageFolderFaces(_FileFaces):
     """LFW layout ``root/<Name>/<Name>_NNNN.jpg``; the label is the folder name.
 
-    min_images_per_identity: drop identities with fewer images (LFW protocol: 2). An identity
-    folder with no image is reported, not silently used.
+    min_images_per_identity: drop identities with fewer images (LFW protocol: 2);
+    max_identities: keep only the first N identities (by folder name) after that, e.g. a quick
+    validation subset. An identity folder with no image is reported, not silently used.
     """
 
     def __init__(
@@ -236,6 +237,7 @@ class ImageFolderFaces(_FileFaces):
         on_bad_image: str = "error",
         landmarks: str | None = None,
         max_pixels: int = MAX_PIXELS,
+        max_identities: int | None = None,
     ) -> None:
         super().__init__(root, on_bad_image, landmarks, max_pixels)
         empty = []
@@ -247,6 +249,10 @@ class ImageFolderFaces(_FileFaces):
             self.files += [f"{folder.name}/{name}" for name in images]
             self.labels += [folder.name] * len(images)
         self._keep_identities(min_images_per_identity)
+        if max_identities is not None:
+            kept = set(sorted(set(self.labels))[:max_identities])
+            pairs = [(f, lb) for f, lb in zip(self.files, self.labels, strict=True) if lb in kept]
+            self.files, self.labels = [f for f, _ in pairs], [lb for _, lb in pairs]
         self.empty_identities = empty
         if empty:
             log.warning(
@@ -362,33 +368,52 @@ def _images_in_pairs(pairs_file: Path, root: Path, stems: dict[str, str]) -> lis
 
 
 class CfpFaces(_FileFaces):
-    """CFP layout ``root/Data/Images/<id>/<pose>/NN.jpg``; pose ``frontal`` or ``profile``;
-    the identity is the folder id (the paper's CFP protocol: profile queries vs frontal
-    gallery). The photos are not aligned: wrap the set in
-    :class:`faceemd.data.aligned.AlignedFaces`. :meth:`points5` derives the 5 alignment points
-    of a frontal photo from its 30 fiducials (``Data/Fiducials/<id>/<pose>/NN.txt``)."""
+    """CFP layout ``root/Data/Images/<id>/<pose>/NN.jpg``; pose ``frontal``, ``profile`` or
+    ``all`` (the paper's CFP protocol: profile queries vs frontal gallery). The identity is the
+    folder id, or with ``labels='name'`` the person's name from ``Data/list_name.txt`` (line i =
+    id i) written as LFW writes it (``Aaron_Rodgers``), to compare identities with LFW's. The
+    photos are not aligned: wrap the set in :class:`faceemd.data.aligned.AlignedFaces`.
+    :meth:`points5` derives the 5 alignment points of a frontal photo from its 30 fiducials
+    (``Data/Fiducials/<id>/<pose>/NN.txt``)."""
 
     def __init__(
         self,
         root: str | Path,
         pose: str = "frontal",
+        labels: str = "id",
         on_bad_image: str = "error",
         landmarks: str | None = None,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
-        if pose not in ("frontal", "profile"):
-            raise ValueError(f"pose must be 'frontal' or 'profile', got {pose!r}")
+        if pose not in ("frontal", "profile", "all"):
+            raise ValueError(f"pose must be 'frontal', 'profile' or 'all', got {pose!r}")
+        if labels not in ("id", "name"):
+            raise ValueError(f"labels must be 'id' or 'name', got {labels!r}")
         super().__init__(root, on_bad_image, landmarks, max_pixels)
         images = self.root / "Data" / "Images"
         if not images.is_dir():
             raise FileNotFoundError(f"{images} not found: is {self.root} the CFP root folder?")
+        names = self._names() if labels == "name" else None
         for ident in sorted(p.name for p in images.iterdir() if p.is_dir()):
-            folder = images / ident / pose
-            names = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            self.files += [f"Data/Images/{ident}/{pose}/{n}" for n in names]
-            self.labels += [ident] * len(names)
+            for kind in ("frontal", "profile") if pose == "all" else (pose,):
+                folder = images / ident / kind
+                found = sorted(
+                    p.name for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                )
+                self.files += [f"Data/Images/{ident}/{kind}/{n}" for n in found]
+                label = ident if names is None else names.get(int(ident))
+                if label is None:
+                    raise ValueError(f"identity {ident} has no line in Data/list_name.txt")
+                self.labels += [label] * len(found)
         if not self.files:
             raise ValueError(f"no {pose} image under {images}")
+
+    def _names(self) -> dict[int, str]:
+        path = self.root / "Data" / "list_name.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (needed for labels='name')")
+        lines = path.read_text().splitlines()
+        return {i: "_".join(line.split()) for i, line in enumerate(lines, 1) if line.strip()}
 
     def points5(self, index: int) -> np.ndarray:
         """5 alignment points of a frontal photo from its fiducials. The 30 points mark one

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["MIRROR_68", "OnnxLandmarker"]
+__all__ = ["MIRROR_68", "OnnxLandmarker", "plausible_landmarks"]
 
 # Index of each point's mirror image in the iBUG-300W 68-point order.
 MIRROR_68 = np.array(
@@ -29,6 +29,14 @@ MIRROR_68 = np.array(
     + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55]  # outer lips
     + [64, 63, 62, 61, 60, 67, 66, 65]  # inner lips
 )
+
+
+def plausible_landmarks(lmk: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Detected 68 points look like a face: mostly inside the image, eyes apart."""
+    h, w = shape[:2]
+    inside = ((lmk[:, 0] >= 0) & (lmk[:, 0] < w) & (lmk[:, 1] >= 0) & (lmk[:, 1] < h)).mean()
+    eyes = float(np.linalg.norm(lmk[42:48].mean(0) - lmk[36:42].mean(0)))
+    return bool(inside >= 0.8 and eyes >= 0.1 * w)
 
 
 class OnnxLandmarker:

@@ -21,18 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from faceemd.data.folders import NoFaceError
+from faceemd.data.landmarks import OnnxLandmarker, plausible_landmarks
 from faceemd.data.materialised import MaterialisedFaces
 from faceemd.data.occlusion import OCCLUSIONS, apply_occlusion
 
 __all__ = ["OccludedFaces"]
-
-
-def _plausible(lmk: np.ndarray, shape: tuple[int, ...]) -> bool:
-    """Detected points look like a face: mostly inside the image, eyes apart."""
-    h, w = shape[:2]
-    inside = ((lmk[:, 0] >= 0) & (lmk[:, 0] < w) & (lmk[:, 1] >= 0) & (lmk[:, 1] < h)).mean()
-    eyes = float(np.linalg.norm(lmk[42:48].mean(0) - lmk[36:42].mean(0)))
-    return bool(inside >= 0.8 and eyes >= 0.1 * w)
 
 
 class OccludedFaces(MaterialisedFaces):
@@ -73,11 +66,9 @@ class OccludedFaces(MaterialisedFaces):
                 "landmarks68.tsv"
             )
         if self._landmarker is None:
-            from faceemd.data.landmarks import OnnxLandmarker
-
             self._landmarker = OnnxLandmarker(self.landmark_model)
         found = self._landmarker(image)
-        if not _plausible(found, image.shape):
+        if not plausible_landmarks(found, image.shape):
             raise NoFaceError(f"{rel}: no face detected (landmarks implausible)")
         return found
 

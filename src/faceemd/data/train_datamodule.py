@@ -5,11 +5,15 @@ synthetic set) and, per item, either swaps in a precomputed masked copy (``maske
 the same relative paths, as the paper's ~415K-image set) with probability ``p_masked_copy``, or
 applies the albumentations pipeline of :func:`faceemd.data.augment.build_augment` (landmark-placed
 masks with probability ``p_mask``, flips, jitter). :class:`FaceTrainDataModule` serves it with a
-held-out identification set (an :class:`IdentificationDataModule`) for validation.
+held-out identification set (an :class:`IdentificationDataModule`) for validation, after
+dropping identities with too few images and those of an ``exclude_identities`` set (e.g. CFP
+people who are also LFW test people), and refuses to train on an identity it validates on.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +25,55 @@ from faceemd.data.datamodule import IdentificationDataModule, PreparedFaces, col
 from faceemd.data.folders import BadImageError, read_image
 from faceemd.data.transforms import FaceInput
 
-__all__ = ["FaceTrainDataModule", "TrainFaces"]
+__all__ = ["FaceSubset", "FaceTrainDataModule", "TrainFaces"]
+
+log = logging.getLogger(__name__)
+
+
+class FaceSubset:
+    """The items ``positions`` of a face set, as a face set (``files`` kept when it has them)."""
+
+    def __init__(self, faces, positions: list[int]) -> None:
+        self.faces = faces
+        self.positions = list(positions)
+        names = faces.label_names()
+        self.labels = [names[i] for i in self.positions]
+        files = getattr(faces, "files", None)
+        self.files = None if files is None else [files[i] for i in self.positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int):
+        return self.faces[self.positions[index]]
+
+    def label_names(self) -> list[str]:
+        return list(self.labels)
+
+
+def select_identities(faces, min_images: int = 1, exclude=None):
+    """``faces`` without the identities that have fewer than ``min_images`` images or appear in
+    the set ``exclude``; both removals are logged with counts (``faces`` itself when nothing
+    is removed)."""
+    names = faces.label_names()
+    counts = Counter(names)
+    few = {n for n, c in counts.items() if c < min_images}
+    excluded = set(counts) & set(exclude.label_names()) if exclude is not None else set()
+    if few:
+        log.info(
+            "training set: %d identities with fewer than %d images skipped (%d images)",
+            len(few), min_images, sum(counts[n] for n in few),
+        )  # fmt: skip
+    if excluded:
+        log.info(
+            "training set: %d identities removed because the excluded set has them too "
+            "(%d images): %s",
+            len(excluded), sum(counts[n] for n in excluded), ", ".join(sorted(excluded)[:20]),
+        )  # fmt: skip
+    if not few and not excluded:
+        return faces
+    drop = few | excluded
+    return FaceSubset(faces, [i for i, n in enumerate(names) if n not in drop])
 
 
 class TrainFaces(PreparedFaces):
@@ -67,7 +119,11 @@ class TrainFaces(PreparedFaces):
 
 class FaceTrainDataModule(L.LightningDataModule):
     """train: the training face set; val: an identification datamodule (query vs gallery) whose
-    metrics the re-ranking callback computes; face_input: set from the backbone config."""
+    metrics the re-ranking callback computes; face_input: set from the backbone config;
+    min_images_per_identity: identities with fewer training images are skipped (counted in
+    the log); exclude_identities: a face set whose identities are removed from training (e.g.
+    the test set's people). An identity in both the training and the validation set is
+    refused at setup, naming it."""
 
     def __init__(
         self,
@@ -79,8 +135,11 @@ class FaceTrainDataModule(L.LightningDataModule):
         p_masked_copy: float = 0.0,
         batch_size: int = 64,
         num_workers: int = 0,
+        min_images_per_identity: int = 1,
+        exclude_identities=None,
     ) -> None:
         super().__init__()
+        train = select_identities(train, min_images_per_identity, exclude_identities)
         self.train_faces = train
         self.val = val
         self.face_input = face_input
@@ -106,6 +165,16 @@ class FaceTrainDataModule(L.LightningDataModule):
         if self.face_input is None:
             raise ValueError("FaceTrainDataModule needs face_input (the backbone's input spec)")
         if self.val is not None:
+            shared = set(self.vocab)
+            shared &= set(self.val.query.label_names()) | set(
+                self.val.gallery.label_names() if self.val.gallery is not None else []
+            )
+            if shared:
+                raise ValueError(
+                    f"{len(shared)} identities are both training and validation identities: "
+                    f"{', '.join(sorted(shared)[:20])}; remove them from one set (e.g. "
+                    "train_data.exclude_identities)"
+                )
             self.val.face_input = self.face_input
             self.val.setup(stage)
 
