@@ -127,3 +127,48 @@ def test_cached_stage2_scores_give_the_same_metrics(tmp_path):
     assert (first["eval/cached_stage2"], second["eval/cached_stage2"]) == (0, 1)
     for key in ("stage2/p_at_1", "stage2/r_precision", "stage2/map_at_r"):
         assert first[key] == second[key]
+
+
+def test_raw_photo_folder_is_detected_aligned_and_ranked(tmp_path):
+    """data=raw_folder on unaligned generated photos plus one photo of noise: every face is
+    found and aligned once, the noise photo is listed as skipped, a second run reuses all."""
+    import cv2
+    import numpy as np
+
+    from faceemd.data.synthetic import SyntheticFaces
+
+    photos = tmp_path / "photos"
+    faces = SyntheticFaces(num_identities=4, images_per_identity=3, seed=5)
+    for i in range(len(faces)):
+        image, name, _ = faces[i]
+        path = photos / name / f"{i:02d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        big = cv2.copyMakeBorder(image, 40, 60, 30, 50, cv2.BORDER_REPLICATE)  # off-centre
+        assert cv2.imwrite(str(path), big if big.ndim == 2 else big[..., ::-1])
+    noise = np.random.default_rng(0).integers(0, 255, (150, 150, 3), np.uint8)
+    assert cv2.imwrite(str(photos / faces[0][1] / "noise.jpg"), noise)
+    args = [
+        "data=raw_folder",
+        f"data.query.source.root={photos}",
+        "data.num_workers=0",
+        "rerank.top_k=5",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    outs = []
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "evaluate.py"), *args, f"paths.log_dir={tmp_path}"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        outs.append(out.stdout + out.stderr)
+    assert "12 images (12 new, 0 reused), 1 skipped" in outs[0]
+    assert "12 images (0 new, 12 reused), 1 skipped" in outs[1]
+    runs = sorted(tmp_path.glob("evaluate/runs/*/metrics.json"))
+    metrics = json.loads(runs[0].read_text())["metrics"]
+    assert metrics["eval/num_queries"] == 12 and metrics["eval/unusable_images"] == 1
+    assert metrics["stage1/p_at_1"] >= 0.5  # chance: 2/11
+    skipped = json.loads((runs[0].parent / "skipped_images.json").read_text())
+    assert skipped == {"query": [f"{faces[0][1]}/noise.jpg"]}

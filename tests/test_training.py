@@ -308,43 +308,42 @@ def test_checkpoint_mixups_get_messages_that_say_what_to_do(tmp_path):
     load_backbone_weights(TinyFaceNet(), tmp_path / "prefixed.pt", strip_prefixes=["model."])
 
 
+def _write_faces(root, items):
+    """Write ``(relpath, (image, name, landmarks))`` items under ``root`` with landmarks68.tsv."""
+    import cv2
+
+    rows = []
+    for rel, (image, _, lmk) in items:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(root / rel), image if image.ndim == 2 else image[..., ::-1])
+        rows.append(rel + "\t" + "\t".join(f"{v:.2f}" for v in lmk.reshape(-1)))
+    (root / "landmarks68.tsv").write_text("\n".join(rows) + "\n")
+
+
 def _synthetic_cfp_and_lfw(root):
     """A CFP tree of raw (unaligned) generated faces with landmarks68.tsv and list_name.txt,
     and an LFW tree of aligned 112x96 generated faces; person 'Shared_Person' is in both, and
     CFP person 005 has a single photo."""
-    import cv2
-
     from faceemd.data.synthetic import SyntheticFaces
 
     cfp, lfw = root / "cfp", root / "lfw"
     raw = SyntheticFaces(num_identities=5, images_per_identity=4, seed=3)
     names = ["Ann_A", "Bob_B", "Cid_C", "Shared_Person", "Dee_D"]
-    rows = []
-    for i in range(len(raw)):
-        person, k = i // 4, i % 4
-        if person == 4 and k > 0:
-            continue
-        pose, number = ("frontal", k + 1) if k < 3 else ("profile", 1)
-        rel = f"Data/Images/{person + 1:03d}/{pose}/{number:02d}.jpg"
-        image, _, lmk = raw[i]
-        (cfp / rel).parent.mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(cfp / rel), image if image.ndim == 2 else image[..., ::-1])
-        rows.append(rel + "\t" + "\t".join(f"{v:.2f}" for v in lmk.reshape(-1)))
-    (cfp / "landmarks68.tsv").write_text("\n".join(rows) + "\n")
+    kept = range(17)  # 4 photos of persons 001-004, 1 of person 005
+    _write_faces(cfp, [
+        (f"Data/Images/{i // 4 + 1:03d}/" + (f"frontal/{i % 4 + 1:02d}" if i % 4 < 3 else "profile/01")
+         + ".jpg", raw[i])
+        for i in kept
+    ])  # fmt: skip
     (cfp / "Data" / "list_name.txt").write_text("\n".join(n.replace("_", " ") for n in names))
     aligned = SyntheticFaces(
         num_identities=4, images_per_identity=3, seed=1000, template="sphereface_112x96"
     )
     lfw_names = ["Eve_E", "Fay_F", "Gus_G", "Shared_Person"]
-    rows = []
-    for i in range(len(aligned)):
-        name = lfw_names[i // 3]
-        rel = f"{name}/{name}_{i % 3 + 1:04d}.png"
-        image, _, lmk = aligned[i]
-        (lfw / rel).parent.mkdir(parents=True, exist_ok=True)
-        assert cv2.imwrite(str(lfw / rel), image if image.ndim == 2 else image[..., ::-1])
-        rows.append(rel + "\t" + "\t".join(f"{v:.2f}" for v in lmk.reshape(-1)))
-    (lfw / "landmarks68.tsv").write_text("\n".join(rows) + "\n")
+    _write_faces(lfw, [
+        (f"{lfw_names[i // 3]}/{lfw_names[i // 3]}_{i % 3 + 1:04d}.png", aligned[i])
+        for i in range(len(aligned))
+    ])  # fmt: skip
     return cfp, lfw
 
 

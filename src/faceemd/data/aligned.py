@@ -95,7 +95,7 @@ class AlignedFaces(MaterialisedFaces):
             pts, extra = self._points(index, image, lmk)
             aligned, m = align_face(image, pts, self.template)
         except (NoFaceError, ValueError) as err:
-            raise NoFaceError(f"{rel}: {err}") from err
+            raise NoFaceError(f"{self.source_name(index)}: {err}") from err
         new_lmk = None
         if lmk is not None and np.isfinite(lmk).all():
             new_lmk = np.asarray(lmk, np.float64) @ m[:, :2].T + m[:, 2]

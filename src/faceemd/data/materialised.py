@@ -34,7 +34,8 @@ class MaterialisedFaces(_FileFaces):
     that keys the output folder; kind: folder prefix; on_bad_image: ``error`` or ``skip``
     (unreadable source image, :class:`NoFaceError`). After construction it behaves as a
     file-backed face set over the written PNGs in source order; ``source_index[i]`` is the
-    source position of item ``i`` and ``skip_list`` holds ``(relpath, reason)`` of the skipped.
+    source position of item ``i`` and ``skip_list`` holds ``(source file, reason)`` of the
+    skipped.
     """
 
     def __init__(self, source, recipe: dict, out_root: str | Path, kind: str, on_bad_image: str):
@@ -72,6 +73,11 @@ class MaterialisedFaces(_FileFaces):
             return f"_outside/{digest}-{src.stem}.png"
         return str(src.with_suffix(".png"))
 
+    def source_name(self, index: int) -> str:
+        """How to name source item ``index`` in messages: its file, else its position."""
+        files = getattr(self.source, "files", None)
+        return str(files[index]) if files is not None else f"#{index} ({self._source_names[index]})"
+
     def _stamp(self, index: int) -> str | None:
         """Size and modification time of the source file (None for generated sources)."""
         files, root = getattr(self.source, "files", None), getattr(self.source, "root", None)
@@ -86,7 +92,7 @@ class MaterialisedFaces(_FileFaces):
     def _one(self, index: int, rel: str) -> dict:
         item = self.source[index]
         if item is None:
-            raise BadImageError(f"source image {index} ({rel}) is unreadable")
+            raise BadImageError(f"source image {self.source_name(index)} is unreadable")
         image, _, lmk = item
         out, new_lmk, extra = self.make(index, image, lmk, rel)
         target = (self.root / rel).resolve()
@@ -112,7 +118,12 @@ class MaterialisedFaces(_FileFaces):
                 except (BadImageError, NoFaceError) as err:
                     if self.on_bad_image != "skip":
                         raise
-                    entry = {"rel": rel, "status": "skipped", "reason": str(err)}
+                    entry = {
+                        "rel": rel,
+                        "status": "skipped",
+                        "source": self.source_name(index),
+                        "reason": str(err),
+                    }
                     skipped += 1
                 manifest.record({**entry, "stamp": stamp})
             done = manifest.done
@@ -122,7 +133,7 @@ class MaterialisedFaces(_FileFaces):
         for index, rel in enumerate(rels):
             entry = done[rel]
             if entry["status"] != "ok":
-                self.skip_list.append((rel, entry["reason"]))
+                self.skip_list.append((self.source_name(index), entry["reason"]))
                 continue
             self.files.append(rel)
             self.labels.append(self._source_names[index])
