@@ -405,3 +405,36 @@ def test_real_finetune_pipeline_short_version(tmp_path):
     assert "1 identities are both training and validation identities: Shared_Person" in (
         out.stdout + out.stderr
     )
+
+
+def test_class_mean_head_imprinting(compose_train):
+    """Each class weight becomes the normalised mean of that class's normalised embeddings
+    (computed here directly from the backbone); a class without faces keeps its weight."""
+    from omegaconf import OmegaConf
+
+    from faceemd.models.recognizer import FaceRecognizer
+
+    cfg = OmegaConf.to_container(compose_train([]), resolve=False)
+    model = FaceRecognizer(
+        cfg["backbone"], cfg["head"], 4, cfg["optimizer"], head_init="class_means"
+    )
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(10, 1, 64, 64, generator=g)
+    labels = torch.tensor([0, 0, 1, 2, 2, 2, 0, 1, 1, 0])
+    untouched = model.head.weight[3].clone()
+    loader = [
+        {"image": images[:6], "label": labels[:6]},
+        {"image": images[6:], "label": labels[6:]},
+    ]
+    model.imprint_head(loader)
+    assert model.backbone.training  # restored
+    model.backbone.eval()
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model.backbone(images).embedding, dim=1)
+    for c in range(3):
+        expected = torch.nn.functional.normalize(emb[labels == c].mean(0), dim=0)
+        torch.testing.assert_close(model.head.weight[c], expected, atol=1e-5, rtol=0)
+    assert torch.equal(model.head.weight[3], untouched)
+    cfg["head"] = {"_target_": "faceemd.models.heads.SoftmaxHead"}
+    with pytest.raises(ValueError, match="head_init=class_means needs a cosine head"):
+        FaceRecognizer(cfg["backbone"], cfg["head"], 4, cfg["optimizer"], head_init="class_means")

@@ -93,6 +93,7 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         scheduler=container.get("scheduler") or None,
         loss=cfg.loss,
         focal_gamma=cfg.focal_gamma,
+        head_init=cfg.get("head_init", "random"),
     )
     out_dir = Path(cfg.paths.output_dir)
     has_val = datamodule.val is not None

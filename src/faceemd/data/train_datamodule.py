@@ -197,5 +197,16 @@ class FaceTrainDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def imprint_dataloader(self) -> DataLoader:
+        """The training faces in order, without augmentation or masked copies (for
+        :meth:`faceemd.models.recognizer.FaceRecognizer.imprint_head`)."""
+        return DataLoader(
+            TrainFaces(self.train_faces, self.vocab, self.face_input),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=collate_faces,
+        )
+
     def val_dataloader(self):
         return [] if self.val is None else self.val.val_dataloader()

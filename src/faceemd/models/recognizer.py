@@ -60,7 +60,11 @@ class FaceRecognizer(L.LightningModule):
     """backbone: the ``conf/backbone`` mapping (``net``, ``weights``, ``ignore_keys``, ``input``,
     ``flip_test``); head: a ``_target_`` mapping of a head class (its ``embedding_dim`` and
     ``num_classes`` are filled in); num_classes: training identities; optimizer / scheduler:
-    ``_target_`` mappings (``_partial_`` is implied); loss: ``ce`` or ``focal``."""
+    ``_target_`` mappings (``_partial_`` is implied); loss: ``ce`` or ``focal``;
+    head_init: ``random`` or ``class_means``: when a fit starts (not when it resumes), each
+    class weight of a cosine head is set to the normalised mean embedding of that class's
+    training faces (weight imprinting, Qi et al. 2018), so that finetuning a pretrained
+    backbone starts from a head that already agrees with it instead of a random one."""
 
     def __init__(
         self,
@@ -71,10 +75,13 @@ class FaceRecognizer(L.LightningModule):
         scheduler: dict | None = None,
         loss: str = "ce",
         focal_gamma: float = 2.0,
+        head_init: str = "random",
     ) -> None:
         super().__init__()
         if loss not in ("ce", "focal"):
             raise ValueError(f"loss must be 'ce' or 'focal', got {loss!r}")
+        if head_init not in ("random", "class_means"):
+            raise ValueError(f"head_init must be 'random' or 'class_means', got {head_init!r}")
         self.save_hyperparameters()
         self.backbone = instantiate(backbone["net"])
         if not any(p.requires_grad for p in self.backbone.parameters()):
@@ -89,6 +96,10 @@ class FaceRecognizer(L.LightningModule):
             dim = self.backbone(torch.zeros(2, backbone["input"]["channels"], h, w)).embedding
         self.backbone.train()
         self.head = instantiate(head, embedding_dim=dim.shape[1], num_classes=num_classes)
+        if head_init == "class_means" and not isinstance(
+            getattr(self.head, "weight", None), torch.nn.Parameter
+        ):
+            raise ValueError(f"head_init=class_means needs a cosine head, not {head['_target_']}")
         self.flip_val = bool(backbone.get("flip_test", False))
 
     def setup(self, stage: str) -> None:
@@ -99,6 +110,30 @@ class FaceRecognizer(L.LightningModule):
                 weights,
                 ignore_keys=list(self.hparams.backbone.get("ignore_keys") or []),
             )
+
+    def on_fit_start(self) -> None:
+        if self.hparams.head_init == "class_means" and self.trainer.ckpt_path is None:
+            self.imprint_head(self.trainer.datamodule.imprint_dataloader())
+
+    @torch.no_grad()
+    def imprint_head(self, loader) -> None:
+        """Set each class weight to the normalised mean of its faces' normalised embeddings
+        (classes without a face keep theirs); ``loader`` yields ``image`` and ``label``."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        weight = self.head.weight
+        sums = torch.zeros_like(weight, dtype=torch.float32)
+        counts = torch.zeros(weight.shape[0], device=weight.device)
+        for batch in loader:
+            if "image" not in batch:
+                continue
+            emb = F.normalize(self(batch["image"].to(self.device)).float(), dim=1)
+            labels = batch["label"].to(self.device)
+            sums.index_add_(0, labels, emb)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+        seen = counts > 0
+        weight[seen] = F.normalize(sums[seen], dim=1).to(weight.dtype)
+        self.backbone.train(was_training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings ``(B, D)`` of images ``(B, C, h, w)``."""
