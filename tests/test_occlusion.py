@@ -21,7 +21,7 @@ def test_synthetic_is_deterministic_and_labelled():
     img, name, lmk = a[3]
     assert img.shape == (128, 128) and img.dtype == np.uint8 and lmk.shape == (68, 2)
     assert np.array_equal(img, b[3][0])
-    assert name == "synth_0001" == a.label_names()[3]
+    assert name == "synth0_0001" == a.label_names()[3]
     assert not np.array_equal(img, SyntheticFaces(3, 2, seed=2)[3][0])
 
 
@@ -65,7 +65,7 @@ def test_occluded_set_is_deterministic_and_resumes(tmp_path, occlusion):
     # a killed run: drop the last two images and a half-written manifest line, then rerun
     for rel in a.files[-2:]:
         (a.root / rel).unlink()
-    a.manifest_path.write_text("\n".join(lines[:4]) + '\n{"rel": "synth_00')
+    a.manifest_path.write_text("\n".join(lines[:4]) + '\n{"rel": "synth0_00')
     before = {rel: (a.root / rel).stat().st_mtime_ns for rel in a.files[:4]}
     again = OccludedFaces(source, occlusion, tmp_path / "a", seed=1)
     assert {rel: (again.root / rel).stat().st_mtime_ns for rel in a.files[:4]} == before

@@ -198,7 +198,7 @@ def test_skipped_images_are_named_in_the_run_folder(compose_evaluate, tmp_path):
         image, name, _ = faces[i]
         (root / name).mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(root / name / f"{name}_{i % 3:04d}.jpg"), image)
-    (root / "synth_0001" / "synth_0001_0001.jpg").write_bytes(b"not an image")
+    (root / "synth2_0001" / "synth2_0001_0001.jpg").write_bytes(b"not an image")
     cfg = compose_evaluate(
         [f"paths.log_dir={tmp_path}", "backbone=tiny_cnn", "data=lfw", f"paths.lfw_dir={root}",
          "data.query.on_bad_image=skip", "data.num_workers=0", "rerank.top_k=3", "logger=none",
@@ -208,7 +208,7 @@ def test_skipped_images_are_named_in_the_run_folder(compose_evaluate, tmp_path):
     results = run_evaluation(cfg)
     assert results["eval/skipped_images"] == 1
     listed = json.loads((tmp_path / "run" / "skipped_images.json").read_text())
-    assert listed == {"query": ["synth_0001/synth_0001_0001.jpg"]}
+    assert listed == {"query": ["synth2_0001/synth2_0001_0001.jpg"]}
 
 
 def test_report_skips_a_malformed_metrics_file(tmp_path, capsys):

@@ -197,7 +197,8 @@ class SyntheticFaces:
         self.occlusion = occlusion
         self.seed = seed
         self._identities = [sample_identity(seed, i) for i in range(num_identities)]
-        self.names = [f"synth_{i:04d}" for i in range(num_identities)]
+        # the seed is part of the name: sets drawn with other seeds are other people
+        self.names = [f"synth{seed}_{i:04d}" for i in range(num_identities)]
 
     def __len__(self) -> int:
         return self.num_identities * self.images_per_identity
