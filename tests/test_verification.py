@@ -353,3 +353,12 @@ def test_evaluate_verification_end_to_end(tmp_path):
             assert m[f"{stage}/accuracy"] == pytest.approx(acc, abs=1e-4)
     # the second job of the alpha sweep reads the EMD of the first from the score cache
     assert json.loads(jobs[1].read_text())["metrics"]["eval/cached_stage2"] == 1
+    # the sweep report: verification columns with the jobs' figures, and the alpha curve
+    from faceemd.report import write_report
+
+    out = write_report(tmp_path / "sweep")
+    table = out["markdown"].read_text().splitlines()
+    assert "S1 Acc" in table[0] and "S2 EER" in table[0] and "P@1" not in table[0]
+    first = json.loads(jobs[0].read_text())["metrics"]
+    assert f"{100 * first['stage2/accuracy']:.2f}" in table[2]
+    assert out["alpha_curve"].is_file()

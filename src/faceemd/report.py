@@ -3,9 +3,9 @@
 ``python -m faceemd.report <run or multirun dir> [--wandb]`` reads every ``metrics.json`` below
 the folder (one per job), writes ``report.csv`` (one row per job: its settings and every
 metric), ``report.md`` (the paper's layout: a row per dataset / backbone / weighting / grid /
-alpha / k, columns P@1, RP, M@R for stage 1 and stage 2, in percent) and, when the jobs span
-more than one alpha, ``alpha_curve.png`` (stage-2 P@1 against alpha, one line per dataset, as
-Fig. 4). ``--wandb`` also logs the table and the curve to a W&B run (offline unless
+alpha / k, columns P@1, RP, M@R for stage 1 and stage 2 in percent; accuracy, AUC, EER for
+verification jobs) and, when the jobs span more than one alpha, ``alpha_curve.png`` (stage-2
+P@1, or accuracy for verification data, against alpha, one line per dataset, as Fig. 4). ``--wandb`` also logs the table and the curve to a W&B run (offline unless
 ``WANDB_MODE`` says otherwise).
 """
 
@@ -21,7 +21,21 @@ __all__ = ["collect", "main", "plot_alpha_curve", "to_markdown", "write_report"]
 
 SETTINGS = ("data", "backbone", "weighting", "grid", "alpha", "top_k", "blend")
 METRICS = ("p_at_1", "r_precision", "map_at_r")
-HEADERS = {"p_at_1": "P@1", "r_precision": "RP", "map_at_r": "M@R"}
+VERIFICATION_METRICS = ("accuracy", "auc", "eer")
+HEADERS = {
+    "p_at_1": "P@1",
+    "r_precision": "RP",
+    "map_at_r": "M@R",
+    "accuracy": "Acc",
+    "auc": "AUC",
+    "eer": "EER",
+}
+
+
+def _headline(row: dict) -> float | None:
+    """A job's stage-2 headline metric: P@1 (identification) or accuracy (verification)."""
+    value = row.get("stage2/p_at_1", row.get("stage2/accuracy"))
+    return None if value is None else float(value)
 
 
 def _settings(config: dict) -> dict:
@@ -66,13 +80,16 @@ def collect(folder: str | Path) -> list[dict]:
 
 
 def to_markdown(rows: list[dict]) -> str:
-    """The paper's table layout, metrics in percent with two decimals."""
-    head = list(SETTINGS) + [f"{s} {HEADERS[m]}" for s in ("S1", "S2") for m in METRICS]
+    """The paper's table layout, metrics in percent with two decimals (identification columns,
+    and verification columns when a job has them)."""
+    metrics = [m for m in METRICS if any(f"stage1/{m}" in r for r in rows)]
+    metrics += [m for m in VERIFICATION_METRICS if any(f"stage1/{m}" in r for r in rows)]
+    head = list(SETTINGS) + [f"{s} {HEADERS[m]}" for s in ("S1", "S2") for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r[k]) for k in SETTINGS]
         for stage in ("stage1", "stage2"):
-            for m in METRICS:
+            for m in metrics:
                 v = r.get(f"{stage}/{m}")
                 cells.append("" if v is None else f"{100 * float(v):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -80,8 +97,8 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def plot_alpha_curve(rows: list[dict], path: str | Path) -> Path | None:
-    """Stage-2 P@1 (%) against alpha, one line per dataset (other settings averaged over);
-    None when the rows hold fewer than two alphas."""
+    """Stage-2 P@1 (or accuracy for verification data, %) against alpha, one line per dataset
+    (other settings averaged over); None when the rows hold fewer than two alphas."""
     alphas = sorted({float(r["alpha"]) for r in rows if r["alpha"] != ""})
     if len(alphas) < 2:
         return None
@@ -95,16 +112,19 @@ def plot_alpha_curve(rows: list[dict], path: str | Path) -> Path | None:
         xs, ys = [], []
         for a in alphas:
             vals = [
-                float(r["stage2/p_at_1"])
+                _headline(r)
                 for r in rows
-                if r["data"] == data and r["alpha"] != "" and float(r["alpha"]) == a
+                if r["data"] == data
+                and r["alpha"] != ""
+                and float(r["alpha"]) == a
+                and _headline(r) is not None
             ]
             if vals:
                 xs.append(a)
                 ys.append(100 * sum(vals) / len(vals))
         ax.plot(xs, ys, marker="o", label=data)
     ax.set_xlabel("alpha (weight of the EMD score)")
-    ax.set_ylabel("P@1 (%)")
+    ax.set_ylabel("stage-2 P@1 or accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
