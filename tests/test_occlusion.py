@@ -21,7 +21,7 @@ def test_synthetic_is_deterministic_and_labelled():
     img, name, lmk = a[3]
     assert img.shape == (128, 128) and img.dtype == np.uint8 and lmk.shape == (68, 2)
     assert np.array_equal(img, b[3][0])
-    assert name == "synth0_0001" == a.label_names()[3]
+    assert name == "synth1_0001" == a.label_names()[3]
     assert not np.array_equal(img, SyntheticFaces(3, 2, seed=2)[3][0])
 
 
