@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from faceemd.emd import FeatureBank, RerankConfig, check_finite, prepare_gallery, stage2_scores
+from faceemd.emd.stage2 import blend_scores, emd_has_weight
 from faceemd.metrics import verification_metrics
 
 __all__ = ["PairScores", "bank_rows", "evaluate_pairs", "score_pairs", "uses_stage2"]
@@ -38,7 +39,7 @@ class PairScores:
 def uses_stage2(cfg: RerankConfig) -> bool:
     """Stage 2 changes a pair's score unless it is off (``top_k=0``, ``rerank=none``) or its
     weight is zero (``alpha=0`` with the linear blend)."""
-    return cfg.top_k > 0 and not (cfg.blend == "linear" and cfg.alpha == 0.0)
+    return cfg.top_k > 0 and emd_has_weight(cfg.method)
 
 
 def bank_rows(bank: FeatureBank, rows: Tensor) -> FeatureBank:
@@ -96,10 +97,7 @@ def score_pairs(
             emd = torch.cat(parts)
             stats = _merge_stats(part_stats)
         emd = emd.reshape(-1)
-        if cfg.blend == "linear":
-            stage2 = cfg.alpha * emd + (1.0 - cfg.alpha) * cosine
-        else:
-            stage2 = emd + cosine
+        stage2 = blend_scores(emd, cosine, cfg.alpha, cfg.blend)
     else:
         stage2 = cosine.clone()
     return PairScores(cosine, emd, stage2, t1 - t0, time.perf_counter() - t1, stats)

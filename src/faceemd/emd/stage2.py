@@ -16,7 +16,15 @@ from faceemd.emd.problems import emd_problems, solve_problems
 from faceemd.emd.settings import MethodSettings, RerankConfig
 from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
 
-__all__ = ["blend_stage2", "prepare_gallery", "stage2_depth", "stage2_rerank", "stage2_scores"]
+__all__ = [
+    "blend_scores",
+    "blend_stage2",
+    "emd_has_weight",
+    "prepare_gallery",
+    "stage2_depth",
+    "stage2_rerank",
+    "stage2_scores",
+]
 
 
 def stage2_scores(
@@ -134,15 +142,23 @@ def blend_stage2(
     columns from ``k`` on keep their stage-1 order."""
     k = emd_similarity.shape[1]
     cos, cand = stage1_score[:, :k], stage1_index[:, :k]
-    if blend == "linear":
-        blended = alpha * emd_similarity + (1.0 - alpha) * cos
-    else:
-        blended = emd_similarity + cos
+    blended = blend_scores(emd_similarity, cos, alpha, blend)
     order = torch.sort(blended, dim=1, descending=True, stable=True).indices
     return (
         torch.cat([blended.gather(1, order), stage1_score[:, k:]], 1),
         torch.cat([cand.gather(1, order), stage1_index[:, k:]], 1),
     )
+
+
+def blend_scores(emd: Tensor, cos: Tensor, alpha: float, blend: str = "linear") -> Tensor:
+    """Eq. 9: ``alpha * emd + (1 - alpha) * cos`` (``blend='linear'``) or ``emd + cos``
+    (``'sum'``), elementwise."""
+    return alpha * emd + (1.0 - alpha) * cos if blend == "linear" else emd + cos
+
+
+def emd_has_weight(method: MethodSettings) -> bool:
+    """Whether the EMD enters the blend at all (not with alpha = 0 and the linear blend)."""
+    return not (method.blend == "linear" and method.alpha == 0.0)
 
 
 def stage2_rerank(
@@ -171,4 +187,4 @@ def stage2_depth(method: MethodSettings, depth: int) -> int:
     """Candidates stage 2 re-ranks: 0 when it cannot change the order (k <= 1, or alpha = 0
     with the linear blend)."""
     k = min(method.top_k, depth)
-    return 0 if k <= 1 or (method.blend == "linear" and method.alpha == 0.0) else k
+    return k if k > 1 and emd_has_weight(method) else 0
