@@ -213,7 +213,6 @@ class PairFaces(_FileFaces):
         super().__init__(root, on_bad_image, landmarks, max_pixels)
         if layout.startswith("cfp"):
             rows, fold = _read_cfp(self.root, layout[4:].upper())
-            source = self.root / "Protocol" / "Split" / layout[4:].upper()
         else:
             if pairs_file is None:
                 raise ValueError(f"layout {layout!r} needs pairs_file")
@@ -244,7 +243,6 @@ class PairFaces(_FileFaces):
             np.array([s for _, _, s in rows], bool),
             np.asarray(fold, np.int64),
         )
-        self.pair_source = source
 
 
 def _identity(rel: str, layout: str, regex: re.Pattern) -> str:
