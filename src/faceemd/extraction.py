@@ -22,6 +22,7 @@ from faceemd.emd import nonfinite_rows
 from faceemd.features import ExtractedFeatures
 from faceemd.instantiators import build_callbacks
 from faceemd.models.extractor import FaceFeatureExtractor
+from faceemd.models.inference import prepare_for_inference
 
 __all__ = ["Part", "check_features", "feature_ingredients", "load_or_extract"]
 
@@ -121,7 +122,9 @@ def load_or_extract(
     Each set is cut into parts of ``cache.chunk_images`` images; every part is cached as soon
     as it is extracted, so a killed run resumes at the first missing part. Extraction runs
     Lightning's test loop on the configured Trainer (devices, strategy) with a
-    :class:`FeatureCollector`; rank 0 writes the cache. Returns ``(features by set name,
+    :class:`FeatureCollector`, on the backbone prepared for inference (``cfg.extraction``:
+    runtime, batch norm folding, channels_last; :mod:`faceemd.models.inference`); rank 0
+    writes the cache. Returns ``(features by set name,
     eval/* counters, is_global_zero)``; features carry labels. cache: None extracts all.
     """
     sets = {"query": datamodule.query}
@@ -161,7 +164,15 @@ def load_or_extract(
         collector = FeatureCollector()
         callbacks = [collector, *build_callbacks(cfg.get("callbacks"))]
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        extractor = FaceFeatureExtractor(backbone, flip=cfg.backbone.flip_test)
+        prep = cfg.get("extraction") or {}
+        net = prepare_for_inference(
+            backbone,
+            (int(cfg.backbone.input.channels), *map(int, cfg.backbone.input.size)),
+            runtime=str(prep.get("runtime", "torch")),
+            fold_batchnorm=bool(prep.get("fold_batchnorm", True)),
+            channels_last=bool(prep.get("channels_last", True)),
+        )
+        extractor = FaceFeatureExtractor(net, flip=cfg.backbone.flip_test)
         for u in missing:
             loader = datamodule.loader(Subset(sets[u.name], range(u.start, u.stop)))
             trainer.test(extractor, dataloaders=[loader], verbose=False)

@@ -103,7 +103,8 @@ class OnnxBackbone(FaceBackbone):
     tensor, flattened per image). grid: name of the ``(N, C, H, W)`` spatial tensor used as
     the patch grid (an internal activation is added to the outputs). input_name: the graph
     input to feed (default: its only input). threads: onnxruntime intra-op threads (default:
-    ``torch.get_num_threads()``). providers: onnxruntime execution providers.
+    ``torch.get_num_threads()``). providers: onnxruntime execution providers. model_bytes: the
+    serialised graph itself (e.g. an in-memory export); ``path`` then only names it in messages.
     Input batches are ``(N, C, H, W)`` float tensors already normalised as the model expects
     (see the backbone config's ``input`` block); a size other than the graph's is refused.
     """
@@ -116,14 +117,18 @@ class OnnxBackbone(FaceBackbone):
         input_name: str | None = None,
         threads: int | None = None,
         providers: list[str] | None = None,
+        model_bytes: bytes | None = None,
     ) -> None:
         super().__init__()
         path = Path(path)
-        if not path.is_file():
+        if model_bytes is not None:
+            data = model_bytes
+        elif path.is_file():
+            data = path.read_bytes()
+        else:
             raise FileNotFoundError(
                 f"ONNX model not found: {path} (set backbone.net.path to the .onnx file)"
             )
-        data = path.read_bytes()
         model = onnx.load_from_string(data)
         self.path = str(path)
         self.embedding_name, self.grid_name = embedding, grid
@@ -165,6 +170,9 @@ class OnnxBackbone(FaceBackbone):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = int(self.threads or torch.get_num_threads())
             opts.log_severity_level = 3
+            # Idle threads sleep instead of spinning: the DataLoader's decoding workers share
+            # the CPU with them.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(
                 self._graph, sess_options=opts, providers=self.providers
             )

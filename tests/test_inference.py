@@ -1,0 +1,96 @@
+"""The inference-prepared backbone (faceemd.models.inference) against the network as loaded.
+
+Reference: the original eval-mode module on the same inputs. Tolerance: 1e-4 relative to the
+output's largest magnitude (folding batch norm and changing layout reorder float32 sums:
+~1e-6 measured; a wrong fold or a mislaid channel gives errors of order 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from faceemd.models.backbones import ArcFaceResNet18, FaceBackbone, MobileFaceNet, TinyFaceNet
+from faceemd.models.inference import RUNTIMES, prepare_for_inference
+
+TOL = 1e-4
+
+
+def _trained_stats(net: nn.Module) -> nn.Module:
+    """Non-trivial batch-norm statistics (fresh ones are 0/1, which would hide a bad fold)."""
+    g = torch.Generator().manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            if m.affine:
+                m.weight.data.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                m.bias.data.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return net.eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [
+        (MobileFaceNet, (3, 112, 96)),
+        (lambda: ArcFaceResNet18(), (1, 128, 128)),
+        (lambda: TinyFaceNet(), (1, 64, 64)),
+    ],  # fmt: skip
+)
+def test_prepared_backbone_matches_original(make, shape, runtime):
+    torch.manual_seed(0)
+    net = _trained_stats(make())
+    prepared = prepare_for_inference(net, shape, runtime=runtime)
+    assert prepared is not net
+    x = torch.randn(5, *shape)  # another batch size than the probe's
+    with torch.inference_mode():
+        want, got = net(x), prepared(x)
+    assert got.embedding.shape == want.embedding.shape
+    assert got.grid.shape == want.grid.shape
+    assert _rel(got.embedding, want.embedding) < TOL
+    assert _rel(got.grid, want.grid) < TOL
+    # the original is untouched: still NCHW, batch norm still there
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def test_nothing_to_prepare_returns_the_backbone():
+    class NoParams(FaceBackbone):
+        def features(self, x):
+            return x, x.mean((2, 3))
+
+    net = NoParams()
+    assert prepare_for_inference(net, (3, 8, 8), runtime="onnxruntime") is net
+    plain = _trained_stats(TinyFaceNet())
+    assert prepare_for_inference(plain, (1, 64, 64), "torch", False, False) is plain
+
+
+def test_untraceable_backbone_still_runs_unfolded():
+    class Branchy(FaceBackbone):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+
+        def features(self, x):
+            y = self.bn(self.conv(x))
+            if float(y.mean()) > 1e9:  # data-dependent branch: torch.fx cannot trace it
+                y = -y
+            return y, y.mean((2, 3))
+
+    net = _trained_stats(Branchy())
+    prepared = prepare_for_inference(net, (3, 16, 16), runtime="torch")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.inference_mode():
+        assert _rel(prepared(x).grid, net(x).grid) < TOL
+    assert any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())  # not folded
+
+
+def test_unknown_runtime_is_refused():
+    with pytest.raises(ValueError, match="extraction.runtime"):
+        prepare_for_inference(TinyFaceNet(), (1, 64, 64), runtime="tensorrt")
