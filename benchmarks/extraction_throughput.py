@@ -41,9 +41,11 @@ from faceemd.models.inference import RUNTIMES, prepare_for_inference  # noqa: E4
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compose_cfg(experiment: str | None, data: str | None, extra: list[str]):
+def compose_cfg(experiment: str | None, data: str | None, extra: list[str], cache: str = "off"):
+    """evaluate.py's config for ``experiment`` / ``data`` (None: defaults) with ``extra``
+    overrides, outputs under the checkout's ``outputs/``."""
     overrides = [
-        "cache=off",
+        f"cache={cache}",
         "logger=none",
         "trainer.enable_progress_bar=false",
         f"paths.root_dir={ROOT}",

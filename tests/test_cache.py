@@ -1,5 +1,6 @@
 """Feature cache: round trip, memory map, atomic writes, corruption, keys; grid pooling."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -228,3 +229,42 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     live.write_bytes(b"y")
     FeatureCache(tmp_path)
     assert not stale.exists() and live.exists()
+
+
+def test_sets_loaded_once_per_process_while_their_file_is_unchanged(tmp_path, monkeypatch):
+    """memo_mb: the next job of an in-process sweep gets the set without reading it again;
+    a rewritten entry (new size or time) is read again, and memo_mb=0 keeps nothing."""
+    feats = _features()
+    cache = FeatureCache(tmp_path, memo_mb=64)
+    path = cache.save("ab" * 32, feats)
+    reads = []
+    real_read = FeatureCache._read
+    monkeypatch.setattr(
+        FeatureCache, "_read", lambda self, *a: reads.append(a[0]) or real_read(self, *a)
+    )
+    first = cache.load("ab" * 32)
+    again = FeatureCache(tmp_path, memo_mb=64).load("ab" * 32)  # the next job's cache object
+    assert again is first and len(reads) == 1
+    other = _features(seed=1)
+    cache.save("ab" * 32, other)  # same key rewritten: another file
+    os.utime(path, ns=(1, 1))  # and surely another time stamp
+    assert torch.equal(cache.load("ab" * 32).patches, other.patches) and len(reads) == 2
+    cold = FeatureCache(tmp_path / "cold", memo_mb=0)
+    cold.save("cd" * 32, feats)
+    cold.load("cd" * 32)
+    cold.load("cd" * 32)
+    assert len(reads) == 4
+
+
+def test_memo_keeps_within_its_budget(tmp_path):
+    from faceemd.cache import _LOADED
+
+    _LOADED.clear()
+    big = _features(n=64, c=256)  # ~0.3 MB of tensors
+    cache = FeatureCache(tmp_path, memo_mb=1)
+    for i in range(8):
+        cache.save(f"{i:02d}" * 32, big)
+        cache.load(f"{i:02d}" * 32)
+    assert 0 < sum(v[1] for v in _LOADED.values()) <= 1 << 20
+    assert len(_LOADED) < 8
+    _LOADED.clear()

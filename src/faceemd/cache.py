@@ -13,6 +13,11 @@ renamed into place, so a killed writer never leaves a file a later run trusts; a
 checksum does not match is reported, deleted and rebuilt. ``mmap=True`` maps the tensors from
 the file (numpy memmap) instead of reading them into memory, for galleries larger than RAM; a
 set extracted in parts is then merged into one entry (:meth:`FeatureCache.save_merged`).
+
+The jobs of a sweep launched by Hydra's basic launcher run one after another in one process;
+the sets a job loaded are kept in memory for the next job (``memo_mb``, least recently used
+first out), so a sweep reads and verifies each set once instead of once per job. A kept set is
+reused only while its file is unchanged (same size and modification time).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import logging
 import os
 import struct
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,12 @@ FORMAT_VERSION = 2
 _TENSORS = ("embeddings", "patches", "index", "landmarks", "patch_norms", "patch_means")
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+# Feature sets loaded in this process: (entry path, mmap) -> (file stamp, bytes in memory,
+# features), most recently used last. Shared by every FeatureCache of the process.
+_LOADED: OrderedDict[tuple[str, bool], tuple[tuple[int, int], int, ExtractedFeatures]] = (
+    OrderedDict()
+)
 
 
 def state_dict_digest(module: nn.Module) -> str:
@@ -118,6 +130,12 @@ def _digest(arrays: dict, path: Path | None = None) -> str:
 _FINITE = ("embeddings", "patches", "patch_norms", "patch_means", "emd")
 
 
+def _nbytes(feats: ExtractedFeatures) -> int:
+    """Memory the tensors of ``feats`` hold."""
+    tensors = [feats.embeddings, feats.patches, feats.index, feats.landmarks]
+    return sum(t.nbytes for t in tensors + list(feats.summaries or ()))
+
+
 def _alive(pid: int) -> bool:
     """Whether a process ``pid`` runs on this machine."""
     try:
@@ -134,11 +152,18 @@ class FeatureCache:
 
     root: cache folder (``outputs/cache`` by default). dtype: ``'float32'`` or ``'float16'``
     for the stored patch grids (embeddings stay float32). mmap: map entries instead of
-    reading them. verify: check the SHA-256 on load (reads the whole entry once).
+    reading them. verify: check the SHA-256 on load (reads the whole entry once). memo_mb:
+    memory the sets loaded in this process may keep between jobs (mapped sets count nothing);
+    0 keeps none.
     """
 
     def __init__(
-        self, root: str | Path, dtype: str = "float32", mmap: bool = False, verify: bool = True
+        self,
+        root: str | Path,
+        dtype: str = "float32",
+        mmap: bool = False,
+        verify: bool = True,
+        memo_mb: int = 0,
     ) -> None:
         if dtype not in _STORE_DTYPES:
             raise ValueError(f"cache dtype must be one of {list(_STORE_DTYPES)}, got {dtype!r}")
@@ -146,6 +171,7 @@ class FeatureCache:
         self.dtype = dtype
         self.mmap = mmap
         self.verify = verify
+        self.memo_bytes = max(0, int(memo_mb)) << 20
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -227,6 +253,29 @@ class FeatureCache:
 
     def load(self, key: str) -> ExtractedFeatures | None:
         """The features stored under ``key``, or None (absent, or corrupt and removed)."""
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_size, st.st_mtime_ns)
+        slot = (str(path), self.mmap)
+        kept = _LOADED.get(slot)
+        if kept is not None and kept[0] == stamp:
+            _LOADED.move_to_end(slot)
+            log.info("feature cache: hit %s (kept in memory since an earlier job)", path)
+            return kept[2]
+        _LOADED.pop(slot, None)
+        feats = self._load(key)
+        if feats is not None and self.memo_bytes:
+            size = 0 if self.mmap else _nbytes(feats)
+            while _LOADED and sum(v[1] for v in _LOADED.values()) + size > self.memo_bytes:
+                _LOADED.popitem(last=False)
+            if size <= self.memo_bytes:
+                _LOADED[slot] = (stamp, size, feats)
+        return feats
+
+    def _load(self, key: str) -> ExtractedFeatures | None:
         entry = self._read(key, _TENSORS)
         if entry is None:
             return None

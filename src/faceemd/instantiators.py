@@ -43,4 +43,10 @@ def build_cache(cfg: DictConfig | None) -> FeatureCache | None:
     """The feature cache of the ``cache`` group, or None when disabled."""
     if not cfg or not cfg.get("enabled", False):
         return None
-    return FeatureCache(cfg.dir, dtype=cfg.dtype, mmap=cfg.mmap, verify=cfg.verify)
+    return FeatureCache(
+        cfg.dir,
+        dtype=cfg.dtype,
+        mmap=cfg.mmap,
+        verify=cfg.verify,
+        memo_mb=int(cfg.get("memo_mb", 0) or 0),
+    )

@@ -79,6 +79,7 @@ def patch_cosine(
             raise ValueError("int8 candidates need their candidate_scales (see quantize_patches)")
         row_codes, row_scale = quantize_patches(rows)
         flat = _int8_products(row_codes, candidates)  # (B, M, K*R') integer-valued
+        per_query = flat.view(b, m, k, r2).transpose(1, 2)
         col_scale = candidate_scales.float()
     else:
         q = torch.nn.functional.normalize(rows.float(), dim=-1)
@@ -89,14 +90,12 @@ def patch_cosine(
         )
         dtype = dtype or torch.float32
         q, g = q.to(dtype), g.to(dtype)
-        # One (M, C) x (C, K*R') product per query: (B, M, K*R').
-        flat = torch.bmm(q, g.reshape(b, k * r2, c).transpose(1, 2))
         row_scale = None
         col_scale = None
         if candidate_norms is not None:
             col_scale = candidate_norms.float().clamp_min(1e-12).reciprocal()
-    # (B, M, K, R') -> contiguous float32 (B, K, R, R') (+ probes), scales applied in place.
-    per_query = flat.view(b, m, k, r2).transpose(1, 2)
+        per_query = _float_products(q, g)
+    # (B, K, M, R') -> contiguous float32 (B, K, R, R') (+ probes), scales applied in place.
     sim = _rescaled(per_query[:, :, :r], row_scale, col_scale, 0)
     if probes is None:
         return sim
@@ -114,6 +113,26 @@ def _rescaled(x: Tensor, row: Tensor | None, col: Tensor | None, first_row: int)
     if col is not None:
         out.mul_(col.unsqueeze(2))
     return out
+
+
+# Query-side rows are padded to a multiple of this: BLAS kernels for a skinny product run up to
+# twice as fast with the small dimension a multiple of the SIMD width (measured: 43 -> 48 rows).
+_ROW_ALIGN = 16
+
+
+def _float_products(rows: Tensor, candidates: Tensor) -> Tensor:
+    """Dot products of query rows ``(B, M, C)`` with candidate patches ``(B, K, R', C)`` as a
+    ``(B, K, M, R')`` view. Computed as candidates ``(K*R', C)`` x rows ``(C, M')`` per query,
+    the rows zero-padded to ``M'``, a multiple of :data:`_ROW_ALIGN`: with the long dimension
+    on the left and an aligned short one, a CPU BLAS runs this skinny product near its peak,
+    where ``(M, C) x (C, K*R')`` ran at half of it (README, performance)."""
+    b, k, r2, c = candidates.shape
+    m = rows.shape[1]
+    pad = -m % _ROW_ALIGN
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(b, pad, c)], 1)
+    flat = torch.bmm(candidates.reshape(b, k * r2, c), rows.transpose(1, 2))  # (B, K*R', M')
+    return flat.view(b, k, r2, m + pad)[..., :m].transpose(2, 3)
 
 
 def _int8_products(row_codes: Tensor, codes: Tensor) -> Tensor:

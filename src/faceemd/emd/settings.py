@@ -1,7 +1,7 @@
 """Settings of two-stage ranking, in three parts: the method's (:class:`MethodSettings`:
 ``top_k``, ``alpha``, ``blend``, ``weighting``, ``grid``), the solver's (``solver`` and
 :class:`faceemd.emd.sinkhorn.SinkhornSettings`: ``eps``, ``max_iter``, ``tol``,
-``check_every``, ``log_domain``, ``backend``) and the engine's (:class:`EngineSettings`:
+``check_every``, ``log_domain``, ``backend``, ``eps_start``) and the engine's (:class:`EngineSettings`:
 ``cost_dtype``, ``query_batch``, ``chunk_size``). :class:`RerankConfig` is the flat record
 ``conf/rerank/emd.yaml`` fills field by field; the functions below it take only their part.
 
@@ -56,15 +56,16 @@ class RerankConfig:
     blend: ``'linear'`` (Eq. 9) or ``'sum'`` (the public code's ``alpha < 0`` mode: EMD + cosine).
     weighting: one of :data:`faceemd.emd.weights.WEIGHTINGS`.
     solver: ``'sinkhorn'`` or ``'exact'`` (POT network simplex, slow, for checks).
-    eps, max_iter, tol, check_every, log_domain, backend: Sinkhorn settings (see
-    :class:`faceemd.emd.sinkhorn.SinkhornSettings`).
+    eps, max_iter, tol, check_every, log_domain, backend, eps_start: Sinkhorn settings (see
+    :class:`faceemd.emd.sinkhorn.SinkhornSettings`; ``eps_start`` turns on eps-scaling from it
+    down to ``eps``).
     cost_dtype: precision of the patch-cosine matrix product: ``'float32'``, ``'bfloat16'``
     (fast only where the CPU or GPU has bf16 matrix units) or ``'int8'`` (codes of the
     normalised gallery patches made once per gallery, integer dot products; see
     :mod:`faceemd.emd.cost`).
     query_batch: queries re-ranked per step (memory ~ query_batch * top_k * R * (R + C) floats);
     None picks it so that one step's cosines and kernels (``8 * top_k * R * R'`` bytes per
-    query) stay within ~4 MiB on a CPU (its L2 caches) and ~1 GiB on a GPU (enough problems per
+    query) stay within ~16 MiB (at most 16 queries) on a CPU and ~1 GiB on a GPU (enough problems per
     launch to fill it).
     chunk_size: gallery items per stage-1 step.
     grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
@@ -82,6 +83,7 @@ class RerankConfig:
     check_every: int = 10
     log_domain: bool = False
     backend: str = "auto"
+    eps_start: float | None = None
     cost_dtype: str = "float32"
     query_batch: int | None = _no_score_effect(None)
     chunk_size: int = _no_score_effect(16384)
@@ -104,7 +106,13 @@ class RerankConfig:
     def sinkhorn_settings(self) -> SinkhornSettings:
         """The solver's settings (with :attr:`solver`, ``sinkhorn`` or ``exact``)."""
         return SinkhornSettings(
-            self.eps, self.max_iter, self.tol, self.check_every, self.log_domain, self.backend
+            self.eps,
+            self.max_iter,
+            self.tol,
+            self.check_every,
+            self.log_domain,
+            self.backend,
+            self.eps_start,
         )
 
     def __post_init__(self) -> None:
