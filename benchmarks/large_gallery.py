@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from faceemd.emd import FeatureBank, RerankConfig, two_stage_rank
+from faceemd.emd import FeatureBank, RerankConfig, stage1_topk, two_stage_rank
 from faceemd.emd.bank import patch_summaries
 
 
@@ -95,7 +95,7 @@ class AnonPeak:
         return max(self.peak, self.now())
 
 
-def child(folder: Path, queries: int, top_k: int, query_batch: int | None) -> dict:
+def child(folder: Path, queries: int, top_k: int, query_batch: int | None, index: str) -> dict:
     torch.set_num_threads(2)
     anon = AnonPeak()
     emb = torch.from_numpy(np.load(folder / "emb.npy", mmap_mode="r+"))
@@ -115,11 +115,23 @@ def child(folder: Path, queries: int, top_k: int, query_batch: int | None) -> di
         queries, *patches.shape[1:], generator=rng
     )
     query = FeatureBank(q_emb, q_patches, labels[rows])
-    cfg = RerankConfig(top_k=top_k, weighting="apc", tol=1e-3, query_batch=query_batch)
+    cfg = RerankConfig(
+        top_k=top_k, weighting="apc", tol=1e-3, query_batch=query_batch, stage1_index=index
+    )
     t0 = time.perf_counter()
     ranking = two_stage_rank(query, gallery, cfg)
     total = time.perf_counter() - t0
+    extra = {}
+    if index != "exact":  # recall of the exhaustive top-k, and the exhaustive stage 1's time
+        t0 = time.perf_counter()
+        exact = stage1_topk(query.embeddings, gallery.embeddings, top_k)[1]
+        extra["exact_stage1_ms_per_query"] = round(1e3 * (time.perf_counter() - t0) / queries, 2)
+        found = ranking.stage1_index[:, :top_k]
+        hits = (found[:, :, None] == exact[:, None, :]).any(-1).float().mean()
+        extra["recall_at_k"] = round(float(hits), 4)
     return {
+        "index": index,
+        **extra,
         "gallery": len(gallery),
         "queries": queries,
         "stage1_s": round(ranking.stage1_seconds, 2),
@@ -139,10 +151,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--top-k", type=int, default=100)
     parser.add_argument("--query-batch", type=int, default=None, help="default: automatic")
+    parser.add_argument(
+        "--index", nargs="+", default=["exact"], help="stage-1 index per run: exact and/or ivf"
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.queries, args.top_k, args.query_batch)))
+        out = child(args.child, args.queries, args.top_k, args.query_batch, args.index[0])
+        print(json.dumps(out))
         return
     rows = []
     for size in args.sizes:
@@ -150,36 +166,30 @@ def main() -> None:
             t0 = time.perf_counter()
             generate(Path(tmp), size, 128, 16, 512)
             gen = time.perf_counter() - t0
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    tmp,
-                    "--queries",
-                    str(args.queries),
-                    "--top-k",
-                    str(args.top_k),
-                    *(["--query-batch", str(args.query_batch)] if args.query_batch else []),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            row["generate_s"] = round(gen, 1)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for index in args.index:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", tmp, "--queries", str(args.queries),
+                     "--top-k", str(args.top_k), "--index", index,
+                     *(["--query-batch", str(args.query_batch)] if args.query_batch else [])],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["generate_s"] = round(gen, 1)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     print(
-        "\n| gallery | queries | stage 1 ms/query | stage 2 ms/query | total s | peak RSS MB "
-        "| peak anon MB | generate s |"
+        "\n| gallery | stage 1 | queries | stage 1 ms/query | stage 2 ms/query | total s | "
+        "peak RSS MB | peak anon MB | recall@k (exact stage 1 ms/query) | generate s |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        recall = (
+            f"{r['recall_at_k']} ({r['exact_stage1_ms_per_query']})" if "recall_at_k" in r else "-"
+        )
         print(
-            f"| {r['gallery']:,} | {r['queries']} | {r['stage1_ms_per_query']} | "
+            f"| {r['gallery']:,} | {r['index']} | {r['queries']} | {r['stage1_ms_per_query']} | "
             f"{r['stage2_ms_per_query']} | {r['total_s']} | {r['peak_rss_mb']:,} | "
-            f"{r['peak_anon_mb']:,} | {r['generate_s']} |"
+            f"{r['peak_anon_mb']:,} | {recall} | {r['generate_s']} |"
         )
 
 

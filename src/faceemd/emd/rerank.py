@@ -11,6 +11,7 @@ import time
 
 from torch import Tensor
 
+from faceemd.emd.ann import ivf_topk
 from faceemd.emd.bank import FeatureBank, Ranking, check_finite
 from faceemd.emd.settings import RerankConfig
 from faceemd.emd.stage1 import stage1_topk
@@ -48,9 +49,14 @@ def two_stage_rank(
             )
     depth = max(cfg.top_k, depth or 0, 1)
     t0 = time.perf_counter()
-    s1, i1 = stage1_topk(
-        query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
-    )
+    if cfg.stage1_index == "ivf":
+        s1, i1 = ivf_topk(
+            query.embeddings, gallery.embeddings, depth, exclude, nprobe=cfg.ivf_nprobe
+        )
+    else:
+        s1, i1 = stage1_topk(
+            query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
+        )
     t1 = time.perf_counter()
     k = stage2_depth(cfg.method, i1.shape[1])
     emd = None

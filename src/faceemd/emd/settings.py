@@ -68,6 +68,9 @@ class RerankConfig:
     query) stay within ~16 MiB (at most 16 queries) on a CPU and ~1 GiB on a GPU (enough problems per
     launch to fill it).
     chunk_size: gallery items per stage-1 step.
+    stage1_index: ``'exact'`` (every gallery item) or ``'ivf'`` (approximate: faiss inverted
+    file, for galleries of ~1M items; :mod:`faceemd.emd.ann`). ivf_nprobe: cells it searches
+    per query (more: higher recall of the exact top-k, slower).
     grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
     None keeps the backbone's native grid.
     """
@@ -77,16 +80,18 @@ class RerankConfig:
     blend: str = _no_score_effect("linear")
     weighting: str = "apc"
     solver: str = "sinkhorn"
-    eps: float = 0.05
-    max_iter: int = 200
+    eps: float = 0.02
+    max_iter: int = 500
     tol: float = 1e-3
     check_every: int = 10
     log_domain: bool = False
     backend: str = "auto"
-    eps_start: float | None = None
+    eps_start: float | None = 0.05
     cost_dtype: str = "float32"
     query_batch: int | None = _no_score_effect(None)
     chunk_size: int = _no_score_effect(16384)
+    stage1_index: str = _no_score_effect("exact")
+    ivf_nprobe: int = _no_score_effect(32)
     grid: tuple[int, int] | None = None
 
     def score_settings(self) -> dict:
@@ -152,5 +157,9 @@ class RerankConfig:
             raise ValueError(
                 f"cost_dtype must be one of {[*COST_DTYPES, 'int8']}, got {self.cost_dtype!r}"
             )
+        if self.stage1_index not in ("exact", "ivf"):
+            raise ValueError(f"stage1_index must be 'exact' or 'ivf', got {self.stage1_index!r}")
+        if int(self.ivf_nprobe) < 1:
+            raise ValueError(f"ivf_nprobe must be >= 1, got {self.ivf_nprobe}")
         if (self.query_batch is not None and self.query_batch < 1) or self.chunk_size < 1:
             raise ValueError("query_batch and chunk_size must be >= 1")

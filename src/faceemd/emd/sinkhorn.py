@@ -192,9 +192,9 @@ def _solve_scaled(
         tol = settings.tol if last else max(settings.tol, _STAGE_TOL)
         a, b, similarity, total, err, iters = _scalings(kernel, sim, u, v, settings, tol)
         iterations += iters.to(torch.int32)
-        if not last:
-            f = f + eps * a.clamp_min(tiny).log()
-            g = g + eps * b.clamp_min(tiny).log()
+        if not last:  # absorb the scalings; a zero-weight patch (scaling 0) keeps its potential
+            f = f + eps * torch.where(a > 0, a.clamp_min(tiny).log(), 0.0)
+            g = g + eps * torch.where(b > 0, b.clamp_min(tiny).log(), 0.0)
     flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
     return EMDResult(total - similarity, similarity, flow, iterations, err)
 
