@@ -266,7 +266,7 @@ def measure(label, query, gallery, args, gflops, real=False, exclude_self=False)
         base = max(base, nb / (time.perf_counter() - t0))
         if real:
             t0 = time.perf_counter()
-            pub_s, pub_it = public_code_baseline(q_t, q_c, g_t, g_c, i1, cfg.eps)
+            pub_s, pub_it = public_code_baseline(q_t, q_c, g_t, g_c, i1)  # its eps: 0.05
             public = max(public, n_q / (time.perf_counter() - t0))
     ceiling = gflops * 1e9 / (2 * k * r * r * c)
 
@@ -299,7 +299,7 @@ def measure(label, query, gallery, args, gflops, real=False, exclude_self=False)
         f"{extra_mb[1]} MB at {n_q}"
     )
     if real:
-        pub_conv = converged_public(q_t[:na], q_c[:na], g_t, g_c, i1[:na], cfg.eps)
+        pub_conv = converged_public(q_t[:na], q_c[:na], g_t, g_c, i1[:na])
         pub_agree = float((pub_s[:na].argmax(1) == pub_conv.argmax(1)).float().mean())
         line += (
             f"\n  public code: {public:.1f} q/s (iterations per query median "
