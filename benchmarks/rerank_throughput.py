@@ -112,6 +112,16 @@ def baseline_per_query(queries, gallery_patches, candidates, eps, max_iter, thre
     return torch.stack(out)
 
 
+def _public_problems(q, qc, fb, fbc):
+    """The public code's cosines ``(N, R, R)`` and APC weights ``u, v (N, R)`` of one query
+    (``q (C, R)``, centre ``qc (C,)``) and its candidates (``fb (N, C, R)``, ``fbc (N, C)``)."""
+    n, _, r = fb.shape
+    sim = torch.einsum("cm,ncs->nsm", q, fb).contiguous().view(n, r, r)
+    u = torch.relu(torch.einsum("c,ncr->nr", qc, fb))
+    v = torch.relu(torch.einsum("cr,nc->nr", q, fbc))
+    return sim, u / (u.sum(1, keepdim=True) + 1e-7), v / (v.sum(1, keepdim=True) + 1e-7)
+
+
 def public_code_baseline(queries, centres, gallery_t, gallery_centres, candidates, eps=0.05):
     """The public DeepFace-EMD code's stage 2 (``utils/emd.py``, APC), one query per call.
 
@@ -123,14 +133,8 @@ def public_code_baseline(queries, centres, gallery_t, gallery_centres, candidate
     """
     sims, iters = [], []
     for q, qc, idx in zip(queries, centres, candidates, strict=True):
-        fb, fbc = gallery_t[idx].float(), gallery_centres[idx]
-        n, _, r = fb.shape
-        sim = torch.einsum("cm,ncs->nsm", q, fb).contiguous().view(n, r, r)
+        sim, u, v = _public_problems(q, qc, gallery_t[idx].float(), gallery_centres[idx])
         kernel = torch.exp(-(1.0 - sim) / eps)
-        u = torch.relu(torch.einsum("c,ncr->nr", qc, fb))
-        u = u / (u.sum(1, keepdim=True) + 1e-7)
-        v = torch.relu(torch.einsum("cr,nc->nr", q, fbc))
-        v = v / (v.sum(1, keepdim=True) + 1e-7)
         a, b = torch.ones_like(u), torch.ones_like(v)
         it = 0
         while it < 100:
@@ -153,11 +157,7 @@ def converged_public(queries, centres, gallery_t, gallery_centres, candidates, e
     out = []
     settings = SinkhornSettings(eps=eps, max_iter=5000, tol=1e-7, backend="torch")
     for q, qc, idx in zip(queries, centres, candidates, strict=True):
-        fb, fbc = gallery_t[idx].float(), gallery_centres[idx]
-        sim = torch.einsum("cm,ncs->nsm", q, fb).contiguous()
-        u = torch.relu(torch.einsum("c,ncr->nr", qc, fb))
-        v = torch.relu(torch.einsum("cr,nc->nr", q, fbc))
-        u, v = u / (u.sum(1, keepdim=True) + 1e-7), v / (v.sum(1, keepdim=True) + 1e-7)
+        sim, u, v = _public_problems(q, qc, gallery_t[idx].float(), gallery_centres[idx])
         out.append(solve(sim, u, v, settings).similarity)
     return torch.stack(out)
 

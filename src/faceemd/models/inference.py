@@ -5,8 +5,8 @@
   1x1 convolutions through slow paths, and every eval-mode batch norm is one more pass over
   each activation; oneDNN's NHWC kernels and the folded convolutions avoid both.
 - ``onnxruntime``: the network exported to ONNX in memory (TorchScript-based exporter) and run
-  by onnxruntime (:class:`faceemd.models.backbones.OnnxBackbone`), whose CPU kernels are the
-  fastest measured here for MobileFaceNet (``benchmarks/extraction_throughput.py``).
+  by onnxruntime (:class:`faceemd.models.backbones.OnnxBackbone`): the fastest real extraction
+  path measured for MobileFaceNet (``benchmarks/extraction_throughput.py``).
 
 Either way the features agree with the unprepared network to float32 rounding (the same
 products, reordered), which a probe batch checks before the prepared network is used.
