@@ -175,3 +175,25 @@ def test_unconverged_sinkhorn_problems_are_reported_once_with_statistics():
     results, _ = evaluate_features(q, q, converged, True)
     assert results["eval/solver_unconverged"] == 0
     assert 0 < results["eval/solver_mean_iterations"] <= results["eval/solver_max_iterations"]
+
+
+def test_scores_for_several_weightings_equal_one_pass_per_weighting():
+    """One gathering and product for four weightings (two with query probes in the product,
+    one reading the cosines, one landmark densities) gives each weighting's scores as its
+    own stage-2 pass does, to float32 rounding of the padded product (1e-5)."""
+    from faceemd.emd import stage2_scores, stage2_scores_for
+
+    q, g = _bank(6, d=8, r=9, c=8, seed=3), _bank(30, d=8, r=9, c=8, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    q.lmk = torch.softmax(torch.randn(6, 9, generator=gen), 1)
+    g.lmk = torch.softmax(torch.randn(30, 9, generator=gen), 1)
+    _, cand = stage1_topk(q.embeddings, g.embeddings, 7)
+    weightings = ["uniform", "apc", "cc", "sc", "lmk"]  # cc: D = C = 8, its own probe row
+    settings = {"eps": 0.1, "eps_start": None}  # random patches: converged within max_iter
+    together = stage2_scores_for(q, g, cand, RerankConfig(weighting="sc", **settings), weightings)
+    assert list(together) == weightings
+    for w in weightings:
+        alone = stage2_scores(q, g, cand, RerankConfig(weighting=w, **settings))
+        torch.testing.assert_close(together[w], alone, atol=1e-5, rtol=0)
+    # the weightings differ on these features (else the check above would prove little)
+    assert (together["uniform"] - together["sc"]).abs().max() > 1e-3

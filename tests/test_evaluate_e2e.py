@@ -91,9 +91,11 @@ def test_twelve_job_sweep_extracts_once_and_reports_twelve_rows(tmp_path):
     # query and gallery are extracted by the first job only; the other 11 read the cache
     assert sum(r["metrics"]["eval/extracted_sets"] for r in runs) == 2
     assert sum(r["metrics"]["eval/cached_sets"] for r in runs) == 22
-    # EMD scores depend on weighting x grid, not alpha: 4 computed, reused by the other 4 jobs
-    # with alpha > 0 (alpha = 0 skips stage 2)
-    assert sum(r["metrics"]["eval/cached_stage2"] for r in runs) == 4
+    # EMD scores depend on weighting x grid, not alpha, and a sweep over weightings scores
+    # them all in one pass: per grid, the first job with alpha > 0 (alpha = 0 skips stage 2),
+    # uniform, scores apc too; the other 3 jobs with alpha > 0 read the cache
+    assert sum(r["metrics"]["eval/prefetched_weightings"] for r in runs) == 2
+    assert sum(r["metrics"]["eval/cached_stage2"] for r in runs) == 6
     # the 4x4 jobs pooled the cached 8x8 grids: same stage 1, and alpha=0 equal to stage 1
     assert len({r["metrics"]["stage1/p_at_1"] for r in runs}) == 1
     report = subprocess.run(

@@ -8,7 +8,13 @@ from faceemd.emd.rerank import two_stage_rank
 from faceemd.emd.settings import RerankConfig
 from faceemd.emd.sinkhorn import EMDResult, sinkhorn
 from faceemd.emd.stage1 import stage1_topk
-from faceemd.emd.stage2 import blend_stage2, prepare_gallery, stage2_rerank, stage2_scores
+from faceemd.emd.stage2 import (
+    blend_stage2,
+    prepare_gallery,
+    stage2_rerank,
+    stage2_scores,
+    stage2_scores_for,
+)
 from faceemd.emd.weights import (
     WEIGHTINGS,
     compute_weights,
@@ -42,5 +48,6 @@ __all__ = [
     "stage1_topk",
     "stage2_rerank",
     "stage2_scores",
+    "stage2_scores_for",
     "two_stage_rank",
 ]

@@ -7,6 +7,8 @@ Sinkhorn; :func:`pairwise_emd` does both for float grids (figures, tests, small 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ from faceemd.emd.settings import RerankConfig
 from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
 from faceemd.emd.weights import compute_weights, weight_probe
 
-__all__ = ["emd_problems", "pairwise_emd", "solve_problems"]
+__all__ = ["emd_problems", "emd_problems_for", "pairwise_emd", "solve_problems"]
 
 
 def solve_problems(
@@ -97,6 +99,31 @@ def emd_problems(
     and candidate embeddings. Float candidates with ``cost_dtype='int8'`` are quantised
     here.
     """
+    sim, weights = emd_problems_for(
+        query_patches, candidate_patches, (weighting,), cost_dtype, query_embedding,
+        candidate_embedding, query_lmk, candidate_lmk, candidate_norms, candidate_pooled,
+        candidate_scales,
+    )  # fmt: skip
+    return sim, *weights[weighting]
+
+
+def emd_problems_for(
+    query_patches: Tensor,
+    candidate_patches: Tensor,
+    weightings: Sequence[str],
+    cost_dtype: str = "float32",
+    query_embedding: Tensor | None = None,
+    candidate_embedding: Tensor | None = None,
+    query_lmk: Tensor | None = None,
+    candidate_lmk: Tensor | None = None,
+    candidate_norms: Tensor | None = None,
+    candidate_pooled: Tensor | None = None,
+    candidate_scales: Tensor | None = None,
+) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """:func:`emd_problems` for several weightings of the same pairs: one patch-cosine product
+    ``sim (B, K, R, R')`` (the query-side probes of every weighting that needs one ride along
+    in it) and ``{weighting: (u, v)}``. A sweep over weightings pays the product, the larger
+    part of building the problems, once."""
     if query_patches.dim() != 3 or candidate_patches.dim() != 4:
         raise ValueError(
             f"expected query patches (B, R, C) and candidates (B, K, R, C), got "
@@ -117,26 +144,34 @@ def emd_problems(
             candidate_norms = torch.linalg.vector_norm(candidate_patches.float(), dim=-1)
         codes, candidate_scales = quantize_patches(candidate_patches.reshape(b * k, r2, c))
         codes, candidate_scales = codes.view(b, k, r2, c), candidate_scales.view(b, k, r2)
-    probe = weight_probe(weighting, query_patches, query_embedding)
-    if probe is not None and candidate_norms is None:
-        probe = None  # without the norms the cosines cannot give <g_j, p>; weights read g
+    probes: dict[str, Tensor] = {}  # weighting -> its query-side probe (B, 1, C)
+    if candidate_norms is not None:  # without the norms the cosines cannot give <g_j, p>
+        for weighting in weightings:
+            probe = weight_probe(weighting, query_patches, query_embedding)
+            if probe is not None:
+                probes[weighting] = probe
+    rows = list(probes)
     dtype = COST_DTYPES.get(cost_dtype)
-    sim = patch_cosine(query_patches, codes, dtype, candidate_norms, candidate_scales, probe)
-    candidate_probe = None
-    if probe is not None:
+    sim = patch_cosine(
+        query_patches, codes, dtype, candidate_norms, candidate_scales,
+        torch.cat([probes[w] for w in rows], 1) if rows else None,
+    )  # fmt: skip
+    probe_cos = None
+    if rows:
         sim, probe_cos = sim
-        candidate_probe = probe_cos[:, :, 0]
-    u, v = compute_weights(
-        weighting,
-        sim,
-        query_patches,
-        candidate_patches,
-        query_embedding,
-        candidate_embedding,
-        query_lmk,
-        candidate_lmk,
-        candidate_pooled,
-        candidate_probe,
-        candidate_norms,
-    )
-    return sim.clamp_(-1.0, 1.0), u, v
+    weights = {}
+    for weighting in weightings:
+        weights[weighting] = compute_weights(
+            weighting,
+            sim,
+            query_patches,
+            candidate_patches,
+            query_embedding,
+            candidate_embedding,
+            query_lmk,
+            candidate_lmk,
+            candidate_pooled,
+            probe_cos[:, :, rows.index(weighting)] if weighting in probes else None,
+            candidate_norms,
+        )
+    return sim.clamp_(-1.0, 1.0), weights

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from faceemd.emd.bank import FeatureBank, patch_summaries
 from faceemd.emd.cost import quantize_patches
-from faceemd.emd.problems import emd_problems, solve_problems
+from faceemd.emd.problems import emd_problems_for, solve_problems
 from faceemd.emd.settings import MethodSettings, RerankConfig
 from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
 
@@ -24,6 +25,7 @@ __all__ = [
     "stage2_depth",
     "stage2_rerank",
     "stage2_scores",
+    "stage2_scores_for",
 ]
 
 
@@ -46,22 +48,40 @@ def stage2_scores(
     ``max_iter`` with an L1 marginal error above ``tol``); unconverged problems are also
     reported by one warning.
     """
+    return stage2_scores_for(query, gallery, candidates, cfg, (cfg.weighting,), stats)[
+        cfg.weighting
+    ]
+
+
+def stage2_scores_for(
+    query: FeatureBank,
+    gallery: FeatureBank,
+    candidates: Tensor,
+    cfg: RerankConfig,
+    weightings: Sequence[str],
+    stats: dict | None = None,
+) -> dict[str, Tensor]:
+    """:func:`stage2_scores` under each of ``weightings`` (``cfg.weighting`` is ignored):
+    ``{weighting: (Q, k)}``. The candidates are gathered and their patch cosines computed once
+    per query batch for all of them (:func:`faceemd.emd.problems.emd_problems_for`); only the
+    solves are per weighting. ``stats`` describe the first weighting's solves."""
     if candidates.dim() != 2 or candidates.shape[0] != len(query):
         raise ValueError(
             f"candidates must be (Q, k) with Q = {len(query)} queries, got {tuple(candidates.shape)}"
         )
+    weightings = list(dict.fromkeys(weightings))
     gallery = prepare_gallery(gallery, cfg)
     norms, pooled = gallery.summaries
     rows, scales = gallery.quantized if cfg.cost_dtype == "int8" else (gallery.patches, None)
     q, k = candidates.shape
     r, r2 = query.patches.shape[1], gallery.patches.shape[1]
     batch = cfg.query_batch or stage2_query_batch(query.patches.device, k, r, r2)
-    out = torch.zeros(q, k, device=query.patches.device)
+    out = {w: torch.zeros(q, k, device=query.patches.device) for w in weightings}
     mapped = shared_file_mapping(rows)  # a gallery mapped from disk: release what was read
     gathered = None  # reused between batches: fresh multi-MB buffers cost page faults each time
     solver_settings = cfg.sinkhorn_settings()
     iterations = torch.zeros(q, k, dtype=torch.long)
-    unconverged = 0
+    unconverged = dict.fromkeys(weightings, 0)
     q0 = 0
     while q0 < q and k:
         q1 = min(q0 + batch, q)
@@ -70,10 +90,10 @@ def stage2_scores(
             if gathered is None or gathered.shape[0] < cand.numel():
                 gathered = rows.new_empty((batch * k, *rows.shape[1:]))
             part = take_rows(rows, cand.reshape(-1), gathered[: cand.numel()], mapped)
-            sim, u, v = emd_problems(
+            sim, weights = emd_problems_for(
                 query.patches[q0:q1],
                 part.view(*cand.shape, *rows.shape[1:]),
-                cfg.weighting,
+                weightings,
                 cfg.cost_dtype,
                 query.embeddings[q0:q1],
                 gallery.embeddings[cand],
@@ -83,7 +103,10 @@ def stage2_scores(
                 candidate_pooled=pooled[cand],
                 candidate_scales=None if scales is None else scales[cand],
             )
-            result = solve_problems(sim, u, v, cfg.solver, solver_settings)
+            results = {
+                w: solve_problems(sim, u, v, cfg.solver, solver_settings)
+                for w, (u, v) in weights.items()
+            }
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -95,24 +118,27 @@ def stage2_scores(
                 stacklevel=2,
             )
             continue
-        out[q0:q1] = result.similarity
-        iterations[q0:q1] = result.iterations.cpu()
-        if cfg.solver == "sinkhorn":
-            unconverged += int((result.marginal_error > cfg.tol).sum())
+        for w, result in results.items():
+            out[w][q0:q1] = result.similarity
+            if cfg.solver == "sinkhorn":
+                unconverged[w] += int((result.marginal_error > cfg.tol).sum())
+        iterations[q0:q1] = results[weightings[0]].iterations.cpu()
         q0 = q1
-    if unconverged:
-        warnings.warn(
-            f"{unconverged} of {q * k} Sinkhorn problems stopped at max_iter={cfg.max_iter} "
-            f"with a marginal error above tol={cfg.tol}: raise rerank.max_iter or rerank.eps",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    for w, count in unconverged.items():
+        if count:
+            which = f" ({w} weights)" if len(out) > 1 else ""
+            warnings.warn(
+                f"{count} of {q * k} Sinkhorn problems{which} stopped at max_iter={cfg.max_iter} "
+                f"with a marginal error above tol={cfg.tol}: raise rerank.max_iter or rerank.eps",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if stats is not None and q * k:
         stats.update(
             problems=q * k,
             mean_iterations=float(iterations.float().mean()),
             max_iterations=int(iterations.max()),
-            unconverged=unconverged,
+            unconverged=unconverged[weightings[0]],
         )
     return out
 
