@@ -37,18 +37,22 @@ def stage1_topk(
     scores_out, index_out = [], []
     for q0 in range(0, query.shape[0], query_batch):
         qn = torch.nn.functional.normalize(query[q0 : q0 + query_batch].float(), dim=1)
-        best_s = qn.new_empty(qn.shape[0], 0)
-        best_i = torch.empty(qn.shape[0], 0, dtype=torch.long, device=qn.device)
+        rows = torch.arange(qn.shape[0], device=qn.device)
+        best_s = best_i = None
         for g0 in range(0, gallery.shape[0], chunk_size):
             gn = torch.nn.functional.normalize(gallery[g0 : g0 + chunk_size].float(), dim=1)
             s = qn @ gn.T
-            idx = torch.arange(g0, g0 + gn.shape[0], device=qn.device).expand_as(s)
-            if exclude is not None:
-                s = s.masked_fill(idx == exclude[q0 : q0 + query_batch, None], float("-inf"))
-            s = torch.cat([best_s, s], 1)
-            idx = torch.cat([best_i, idx], 1)
+            if exclude is not None:  # each query's own image, where it falls in this chunk
+                own = exclude[q0 : q0 + query_batch] - g0
+                inside = (own >= 0) & (own < gn.shape[0])
+                s[rows[inside], own[inside]] = float("-inf")
             top = torch.topk(s, min(depth, s.shape[1]), dim=1)
-            best_s, best_i = top.values, idx.gather(1, top.indices)
+            score, index = top.values, top.indices + g0
+            if best_s is not None:  # merge with the earlier chunks' best (earlier first on ties)
+                score, index = torch.cat([best_s, score], 1), torch.cat([best_i, index], 1)
+                top = torch.topk(score, min(depth, score.shape[1]), dim=1)
+                score, index = top.values, index.gather(1, top.indices)
+            best_s, best_i = score, index
         scores_out.append(best_s)
         index_out.append(best_i)
     return torch.cat(scores_out), torch.cat(index_out)
