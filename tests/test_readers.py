@@ -210,3 +210,42 @@ def test_datamodule_shares_vocabulary_and_prepares_inputs():
     assert float(q["landmarks"][..., 0].max()) < 96
     g = torch.cat([b["label"] for b in g_loader])
     assert g.tolist() == [0, 0, 1, 1, 2, 2] and q["label"].tolist() == [0, 1, 2]
+
+
+def test_parsed_files_are_reused_only_while_unchanged(tmp_path):
+    """A landmark table is parsed once per process while unchanged; an edit (same size), an
+    append or an atomic replace is seen by the next read, and a caller's edits of the returned
+    dict do not reach the next caller."""
+    import os
+
+    from faceemd.data.folders import read_landmarks
+    from faceemd.data.manifest import Manifest
+
+    tsv = tmp_path / "landmarks68.tsv"
+    tsv.write_text("a/1.png\t1\t2\t3\t4\n")
+    first = read_landmarks(tsv)
+    np.testing.assert_array_equal(first["a/1.png"], [[1, 2], [3, 4]])
+    first["b/2.png"] = np.zeros((2, 2), np.float32)
+    assert list(read_landmarks(tsv)) == ["a/1.png"]
+    with pytest.raises(ValueError):
+        first["a/1.png"][0, 0] = 9.0  # shared arrays are read-only
+    stamp = tsv.stat()
+    tsv.write_text("a/1.png\t5\t6\t7\t8\n")  # same size; its time moves on
+    os.utime(tsv, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1))
+    np.testing.assert_array_equal(read_landmarks(tsv)["a/1.png"], [[5, 6], [7, 8]])
+    with open(tsv, "a") as fh:
+        fh.write("c/3.png\t0\t0\t1\t1\n")
+    assert sorted(read_landmarks(tsv)) == ["a/1.png", "c/3.png"]
+    replacement = tmp_path / "new.tsv"
+    replacement.write_text("d/4.png\t1\t1\t2\t2\n")
+    os.replace(replacement, tsv)
+    assert list(read_landmarks(tsv)) == ["d/4.png"]
+
+    # a manifest: lines appended by one instance are seen by the next
+    (tmp_path / "x.png").write_bytes(b"")
+    with Manifest(tmp_path) as manifest:
+        manifest.record({"rel": "x.png", "status": "ok"})
+    assert list(Manifest(tmp_path).done) == ["x.png"]
+    with Manifest(tmp_path) as manifest:
+        manifest.record({"rel": "y.png", "status": "skipped", "reason": "no face"})
+    assert sorted(Manifest(tmp_path).done) == ["x.png", "y.png"]

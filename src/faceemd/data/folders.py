@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from faceemd.data.filememo import parsed
+
 __all__ = [
     "BadImageError",
     "CfpFaces",
@@ -110,7 +112,12 @@ def _to_uint8(im: Image.Image) -> np.ndarray:
 
 
 def read_landmarks(tsv: Path) -> dict[str, np.ndarray]:
-    """``relpath -> (68, 2)`` from a landmarks TSV (no header, x/y pairs after the path)."""
+    """``relpath -> (68, 2)`` from a landmarks TSV (no header, x/y pairs after the path); a
+    new dict of read-only arrays, parsed once per process while the file is unchanged."""
+    return dict(parsed(Path(tsv), _parse_landmarks))
+
+
+def _parse_landmarks(tsv: Path) -> dict[str, np.ndarray]:
     out = {}
     with open(tsv, newline="") as fh:
         for line_no, row in enumerate(csv.reader(fh, delimiter="\t"), 1):
@@ -119,6 +126,7 @@ def read_landmarks(tsv: Path) -> dict[str, np.ndarray]:
             values = np.asarray(row[1:], dtype=np.float32)
             if values.size % 2:
                 raise ValueError(f"{tsv}:{line_no}: odd number of coordinates ({values.size})")
+            values.flags.writeable = False
             out[row[0]] = values.reshape(-1, 2)
     return out
 

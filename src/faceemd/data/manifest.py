@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from faceemd.data.filememo import parsed
+
 __all__ = ["Manifest", "landmark_list", "write_image"]
 
 
@@ -33,6 +35,17 @@ def landmark_list(points: np.ndarray) -> list[float]:
     return np.round(np.asarray(points, np.float64), 2).reshape(-1).tolist()
 
 
+def _read_entries(path: Path) -> list[dict]:
+    """The manifest's entries in file order (read-only: shared by the jobs of a process)."""
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a killed run
+            continue
+    return entries
+
+
 class Manifest:
     """``root/name`` as a dict of finished entries by relative path, appended to as work ends.
 
@@ -47,11 +60,7 @@ class Manifest:
         self.match = match or {}
         self.done: dict[str, dict] = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a killed run
-                    continue
+            for entry in parsed(self.path, _read_entries):
                 if any(entry.get(k) != v for k, v in self.match.items()):
                     continue
                 if entry.get("status") == "skipped" or (self.root / entry["rel"]).is_file():
