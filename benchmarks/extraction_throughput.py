@@ -9,7 +9,8 @@ The real path is :func:`faceemd.extraction.load_or_extract` with the feature cac
 first ``--images`` query images of the configured protocol: files -> decode -> occlusion (the
 protocol's materialised copies) -> input transform -> DataLoader workers -> Lightning test loop
 -> backbone -> collected features. It runs twice, with the backbone as loaded (``before``:
-``extraction.fold_batchnorm=false extraction.channels_last=false``) and prepared for inference
+``extraction.fold_batchnorm=false extraction.channels_last=false``, and for ONNX backbones
+``backbone.net.fold_dequantize=false``) and prepared for inference
 (each ``extraction.runtime``: ``torch`` folded + channels_last, ``onnxruntime``). The bare loops run the same network on the same images already
 decoded into one tensor, in ``torch.inference_mode()``, batch by batch: NCHW as loaded,
 channels_last, folded + channels_last, and (torch backbones) onnxruntime on the in-memory ONNX export.
@@ -107,6 +108,8 @@ def main() -> None:
     job = (experiment, data)
     plain = ["extraction.runtime=torch", "extraction.fold_batchnorm=false",
              "extraction.channels_last=false"]  # fmt: skip
+    if "fold_dequantize" in compose_cfg(experiment, data, []).backbone.net:
+        plain.append("backbone.net.fold_dequantize=false")  # ONNX: weights dequantised per batch
     before, f_before, backbone, dm, cfg = real_path(job, args.images, plain, args.repeats)
     paths = {
         runtime: real_path(job, args.images, [f"extraction.runtime={runtime}"], args.repeats)

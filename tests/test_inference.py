@@ -94,3 +94,65 @@ def test_untraceable_backbone_still_runs_unfolded():
 def test_unknown_runtime_is_refused():
     with pytest.raises(ValueError, match="extraction.runtime"):
         prepare_for_inference(TinyFaceNet(), (1, 64, 64), runtime="tensorrt")
+
+
+@pytest.mark.parametrize("layout", ["tensor", "axis", "block"])
+def test_weight_dequantization_folds_to_what_onnxruntime_computes(layout):
+    """int8 weights -> DequantizeLinear (per tensor, per output channel, or in blocks of 4
+    input channels) -> Reshape -> Conv -> BatchNormalization: the folded graph has no
+    DequantizeLinear left, its folded weights equal onnxruntime's own DequantizeLinear output
+    exactly, and its outputs match the quantised graph's (batch norm fused: 1e-5)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from faceemd.models.backbones.onnx_model import fold_weight_dequantization
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (6, 8), dtype=np.int8)  # 6 output x 8 input channels (1x1)
+    scale_shape = {"tensor": (), "axis": (6,), "block": (6, 2)}[layout]
+    scale = rng.uniform(0.01, 0.1, scale_shape).astype(np.float32)
+    zero = rng.integers(-3, 4, scale_shape, dtype=np.int8)
+    attrs = {"tensor": {}, "axis": {"axis": 0}, "block": {"axis": 1, "block_size": 4}}[layout]
+    bn = [rng.uniform(0.5, 2, 6).astype(np.float32) for _ in range(4)]
+    inits = [
+        numpy_helper.from_array(q, "wq"), numpy_helper.from_array(scale, "ws"),
+        numpy_helper.from_array(zero, "wz"),
+        numpy_helper.from_array(np.array([6, 8, 1, 1], np.int64), "shape"),
+        *[numpy_helper.from_array(a, n) for a, n in zip(bn, ["g", "b", "m", "v"], strict=True)],
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["w2d"], **attrs),
+        helper.make_node("Reshape", ["w2d", "shape"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["c"]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 5, 5])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("w2d", TensorProto.FLOAT, None),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    folded, count = fold_weight_dequantization(model)
+    assert count == 2
+    assert "DequantizeLinear" not in {n.op_type for n in folded.graph.node}
+
+    def run(m):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        x = rng.standard_normal((2, 8, 5, 5)).astype(np.float32)
+        return session.run(None, {"x": x}), x
+
+    (y_ref, w_ref), x = run(model)
+    session = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, w = session.run(None, {"x": x})
+    np.testing.assert_array_equal(w, w_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    # and by hand for the per-tensor case: (q - zero) * scale
+    if layout == "tensor":
+        np.testing.assert_array_equal(w_ref, (q.astype(np.float32) - float(zero)) * scale)
