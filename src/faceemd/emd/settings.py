@@ -81,7 +81,7 @@ class RerankConfig:
     weighting: str = "apc"
     solver: str = "sinkhorn"
     eps: float = 0.02
-    max_iter: int = 500
+    max_iter: int = 2000
     tol: float = 1e-3
     check_every: int = 10
     log_domain: bool = False
