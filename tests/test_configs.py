@@ -132,9 +132,9 @@ PLUGINS = {
 SWEEP_SPACES = {
     "alpha": {"rerank.alpha": "0,0.3,0.5,0.7,1"},
     "top_k": {"rerank.top_k": "100,200,300"},
-    "weighting": {"rerank.weighting": "uniform,apc,sc,cc,lmk"},
+    "weighting": {"rerank.weighting": "uniform,apc,sc,lmk"},
     "grid": {"rerank.grid": "[8,8],[4,4]"},
-    "alpha_weighting": {"rerank.alpha": "0,0.3,0.5,0.7,1", "rerank.weighting": "uniform,apc,sc,cc"},
+    "alpha_weighting": {"rerank.alpha": "0,0.3,0.5,0.7,1", "rerank.weighting": "uniform,apc,sc,lmk"},
 }
 
 
