@@ -134,7 +134,10 @@ SWEEP_SPACES = {
     "top_k": {"rerank.top_k": "100,200,300"},
     "weighting": {"rerank.weighting": "uniform,apc,sc,lmk"},
     "grid": {"rerank.grid": "[8,8],[4,4]"},
-    "alpha_weighting": {"rerank.alpha": "0,0.3,0.5,0.7,1", "rerank.weighting": "uniform,apc,sc,lmk"},
+    "alpha_weighting": {
+        "rerank.alpha": "0,0.3,0.5,0.7,1",
+        "rerank.weighting": "uniform,apc,sc,lmk",
+    },
 }
 
 
