@@ -257,14 +257,15 @@ def test_sets_loaded_once_per_process_while_their_file_is_unchanged(tmp_path, mo
 
 
 def test_memo_keeps_within_its_budget(tmp_path):
-    from faceemd.cache import _LOADED
+    from faceemd.filememo import _KEPT
 
-    _LOADED.clear()
+    _KEPT.clear()
     big = _features(n=64, c=256)  # ~1.1 MB of tensors
     cache = FeatureCache(tmp_path, memo_mb=3)
     for i in range(8):
         cache.save(f"{i:02d}" * 32, big)
         cache.load(f"{i:02d}" * 32)
-    assert 0 < sum(v[1] for v in _LOADED.values()) <= 3 << 20
-    assert 1 < len(_LOADED) < 8
-    _LOADED.clear()
+    sets = [v for (_, tag), v in _KEPT.items() if tag.startswith("features")]
+    assert 0 < sum(v[1] for v in sets) <= 3 << 20
+    assert 1 < len(sets) < 8
+    _KEPT.clear()

@@ -17,7 +17,7 @@ set extracted in parts is then merged into one entry (:meth:`FeatureCache.save_m
 The jobs of a sweep launched by Hydra's basic launcher run one after another in one process;
 the sets a job loaded are kept in memory for the next job (``memo_mb``, least recently used
 first out), so a sweep reads and verifies each set once instead of once per job. A kept set is
-reused only while its file is unchanged (same size and modification time).
+reused only while its file is unchanged (:mod:`faceemd.filememo`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import logging
 import os
 import struct
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from torch import nn
 
 from faceemd.emd.bank import patch_summaries
 from faceemd.features import ExtractedFeatures
+from faceemd.filememo import kept
 
 __all__ = ["FeatureCache", "cache_key", "state_dict_digest"]
 
@@ -47,12 +47,6 @@ FORMAT_VERSION = 2
 _TENSORS = ("embeddings", "patches", "index", "landmarks", "patch_norms", "patch_means")
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-# Feature sets loaded in this process: (entry path, mmap) -> (file stamp, bytes in memory,
-# features), most recently used last. Shared by every FeatureCache of the process.
-_LOADED: OrderedDict[tuple[str, bool], tuple[tuple[int, int], int, ExtractedFeatures]] = (
-    OrderedDict()
-)
 
 
 def state_dict_digest(module: nn.Module) -> str:
@@ -252,28 +246,19 @@ class FeatureCache:
         return path
 
     def load(self, key: str) -> ExtractedFeatures | None:
-        """The features stored under ``key``, or None (absent, or corrupt and removed)."""
-        path = self.path(key)
+        """The features stored under ``key``, or None (absent, or corrupt and removed); a set
+        this process loaded before is taken from memory while its file is unchanged
+        (:func:`faceemd.filememo.kept`, within ``memo_mb``)."""
         try:
-            st = path.stat()
-        except OSError:
+            return kept(
+                self.path(key),
+                lambda _: self._load(key),
+                f"features, mmap={self.mmap}",
+                nbytes=lambda feats: 0 if self.mmap else _nbytes(feats),
+                budget=self.memo_bytes,
+            )
+        except FileNotFoundError:
             return None
-        stamp = (st.st_size, st.st_mtime_ns)
-        slot = (str(path), self.mmap)
-        kept = _LOADED.get(slot)
-        if kept is not None and kept[0] == stamp:
-            _LOADED.move_to_end(slot)
-            log.info("feature cache: hit %s (kept in memory since an earlier job)", path)
-            return kept[2]
-        _LOADED.pop(slot, None)
-        feats = self._load(key)
-        if feats is not None and self.memo_bytes:
-            size = 0 if self.mmap else _nbytes(feats)
-            while _LOADED and sum(v[1] for v in _LOADED.values()) + size > self.memo_bytes:
-                _LOADED.popitem(last=False)
-            if size <= self.memo_bytes:
-                _LOADED[slot] = (stamp, size, feats)
-        return feats
 
     def _load(self, key: str) -> ExtractedFeatures | None:
         entry = self._read(key, _TENSORS)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from faceemd.data.filememo import parsed
+from faceemd.filememo import kept
 
 __all__ = [
     "BadImageError",
@@ -114,7 +114,7 @@ def _to_uint8(im: Image.Image) -> np.ndarray:
 def read_landmarks(tsv: Path) -> dict[str, np.ndarray]:
     """``relpath -> (68, 2)`` from a landmarks TSV (no header, x/y pairs after the path); a
     new dict of read-only arrays, parsed once per process while the file is unchanged."""
-    return dict(parsed(Path(tsv), _parse_landmarks))
+    return dict(kept(Path(tsv), _parse_landmarks, "landmarks"))
 
 
 def _parse_landmarks(tsv: Path) -> dict[str, np.ndarray]:

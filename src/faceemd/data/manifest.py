@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from faceemd.data.filememo import parsed
+from faceemd.filememo import kept
 
 __all__ = ["Manifest", "landmark_list", "write_image"]
 
@@ -60,7 +60,7 @@ class Manifest:
         self.match = match or {}
         self.done: dict[str, dict] = {}
         if self.path.is_file():
-            for entry in parsed(self.path, _read_entries):
+            for entry in kept(self.path, _read_entries, "manifest entries"):
                 if any(entry.get(k) != v for k, v in self.match.items()):
                     continue
                 if entry.get("status") == "skipped" or (self.root / entry["rel"]).is_file():
