@@ -100,7 +100,7 @@ def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
     g = FeatureBank(torch.randn(12, 8), torch.randn(12, 4, 8), torch.arange(12) % 3)
     s1, i1 = stage1_topk(q.embeddings, g.embeddings, 5)
     reference = stage2_rerank(q, g, s1, i1, RerankConfig(top_k=5, query_batch=1))
-    real = stage2.emd_problems_for
+    real = stage2.emd_problems
     sizes = []
 
     def small_memory(query_patches, *args, **kwargs):
@@ -109,7 +109,7 @@ def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
             raise torch.OutOfMemoryError("simulated: out of memory")
         return real(query_patches, *args, **kwargs)
 
-    monkeypatch.setattr(stage2, "emd_problems_for", small_memory)
+    monkeypatch.setattr(stage2, "emd_problems", small_memory)
     with pytest.warns(RuntimeWarning, match="query_batch=2"):
         got = stage2_rerank(q, g, s1, i1, RerankConfig(top_k=5, query_batch=8))
     assert sizes[:3] == [7, 4, 2]  # 8 (7 left) -> 4 -> 2, then 2 at a time

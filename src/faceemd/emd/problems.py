@@ -1,7 +1,7 @@
 """EMD problems between a query and its candidates (paper Eq. 4-8) and their one solver dispatch.
 
 :func:`emd_problems` builds the patch cosines (the cost is ``1 - cos``, Eq. 5) and the patch
-weights of the configured weighting; :func:`solve_problems` hands them to the exact LP or to
+weights of one or more weightings; :func:`solve_problems` hands them to the exact LP or to
 Sinkhorn; :func:`pairwise_emd` does both for float grids (figures, tests, small runs).
 """
 
@@ -18,7 +18,7 @@ from faceemd.emd.settings import RerankConfig
 from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
 from faceemd.emd.weights import compute_weights, weight_probe
 
-__all__ = ["emd_problems", "emd_problems_for", "pairwise_emd", "solve_problems"]
+__all__ = ["emd_problems", "pairwise_emd", "solve_problems"]
 
 
 def solve_problems(
@@ -60,54 +60,22 @@ def pairwise_emd(
     arguments as in :func:`emd_problems`). Returns ``(result, u, v)``: the :class:`EMDResult`
     over ``(B, K)`` and the weights used, ``u, v (B, K, R)``.
     """
-    sim, u, v = emd_problems(
+    sim, weights = emd_problems(
         query_patches,
         candidate_patches,
-        cfg.weighting,
+        (cfg.weighting,),
         cfg.cost_dtype,
         query_embedding,
         candidate_embedding,
         query_lmk,
         candidate_lmk,
     )
+    u, v = weights[cfg.weighting]
     result = solve_problems(sim, u, v, cfg.solver, cfg.sinkhorn_settings(), return_flow)
     return result, u, v
 
 
 def emd_problems(
-    query_patches: Tensor,
-    candidate_patches: Tensor,
-    weighting: str,
-    cost_dtype: str = "float32",
-    query_embedding: Tensor | None = None,
-    candidate_embedding: Tensor | None = None,
-    query_lmk: Tensor | None = None,
-    candidate_lmk: Tensor | None = None,
-    candidate_norms: Tensor | None = None,
-    candidate_pooled: Tensor | None = None,
-    candidate_scales: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The EMD problems between each query ``(B, R, C)`` and its candidates ``(B, K, R', C)``:
-    patch cosines ``sim (B, K, R, R')`` in [-1, 1] (the cost is ``1 - sim``) and the weights
-    ``u (B, K, R)``, ``v (B, K, R')`` of ``weighting``, the cosines computed in
-    ``cost_dtype`` (see :mod:`faceemd.emd.cost`).
-
-    candidate_norms ``(B, K, R')`` and candidate_pooled ``(B, K, C)``: optional per-gallery
-    precomputations (patch L2 norms, patch means) that spare passes over the candidates.
-    Candidates may be int8 codes (see :func:`faceemd.emd.cost.quantize_patches`) with their
-    ``candidate_scales (B, K, R')``; APC then needs the norms and pooled means, CC the norms
-    and candidate embeddings. Float candidates with ``cost_dtype='int8'`` are quantised
-    here.
-    """
-    sim, weights = emd_problems_for(
-        query_patches, candidate_patches, (weighting,), cost_dtype, query_embedding,
-        candidate_embedding, query_lmk, candidate_lmk, candidate_norms, candidate_pooled,
-        candidate_scales,
-    )  # fmt: skip
-    return sim, *weights[weighting]
-
-
-def emd_problems_for(
     query_patches: Tensor,
     candidate_patches: Tensor,
     weightings: Sequence[str],
@@ -120,10 +88,20 @@ def emd_problems_for(
     candidate_pooled: Tensor | None = None,
     candidate_scales: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-    """:func:`emd_problems` for several weightings of the same pairs: one patch-cosine product
-    ``sim (B, K, R, R')`` (the query-side probes of every weighting that needs one ride along
-    in it) and ``{weighting: (u, v)}``. A sweep over weightings pays the product, the larger
-    part of building the problems, once."""
+    """The EMD problems between each query ``(B, R, C)`` and its candidates ``(B, K, R', C)``:
+    patch cosines ``sim (B, K, R, R')`` in [-1, 1] (the cost is ``1 - sim``), computed in
+    ``cost_dtype`` (see :mod:`faceemd.emd.cost`), and ``{weighting: (u (B, K, R),
+    v (B, K, R'))}`` for each of ``weightings``. The product is made once for all of them (the
+    query-side probes of every weighting that needs one ride along in it), so scoring several
+    weightings of the same pairs costs one product.
+
+    candidate_norms ``(B, K, R')`` and candidate_pooled ``(B, K, C)``: optional per-gallery
+    precomputations (patch L2 norms, patch means) that spare passes over the candidates.
+    Candidates may be int8 codes (see :func:`faceemd.emd.cost.quantize_patches`) with their
+    ``candidate_scales (B, K, R')``; APC then needs the norms and pooled means, CC the norms
+    and candidate embeddings. Float candidates with ``cost_dtype='int8'`` are quantised
+    here.
+    """
     if query_patches.dim() != 3 or candidate_patches.dim() != 4:
         raise ValueError(
             f"expected query patches (B, R, C) and candidates (B, K, R, C), got "

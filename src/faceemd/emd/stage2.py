@@ -13,7 +13,7 @@ from torch import Tensor
 
 from faceemd.emd.bank import FeatureBank, patch_summaries
 from faceemd.emd.cost import quantize_patches
-from faceemd.emd.problems import emd_problems_for, solve_problems
+from faceemd.emd.problems import emd_problems, solve_problems
 from faceemd.emd.settings import MethodSettings, RerankConfig
 from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
 
@@ -63,7 +63,7 @@ def stage2_scores_for(
 ) -> dict[str, Tensor]:
     """:func:`stage2_scores` under each of ``weightings`` (``cfg.weighting`` is ignored):
     ``{weighting: (Q, k)}``. The candidates are gathered and their patch cosines computed once
-    per query batch for all of them (:func:`faceemd.emd.problems.emd_problems_for`); only the
+    per query batch for all of them (:func:`faceemd.emd.problems.emd_problems`); only the
     solves are per weighting. ``stats`` describe the first weighting's solves."""
     if candidates.dim() != 2 or candidates.shape[0] != len(query):
         raise ValueError(
@@ -90,7 +90,7 @@ def stage2_scores_for(
             if gathered is None or gathered.shape[0] < cand.numel():
                 gathered = rows.new_empty((batch * k, *rows.shape[1:]))
             part = take_rows(rows, cand.reshape(-1), gathered[: cand.numel()], mapped)
-            sim, weights = emd_problems_for(
+            sim, weights = emd_problems(
                 query.patches[q0:q1],
                 part.view(*cand.shape, *rows.shape[1:]),
                 weightings,
