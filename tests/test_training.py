@@ -131,14 +131,27 @@ def test_short_run_lowers_loss_and_beats_the_untrained_model(compose_train, tmp_
     from faceemd.models.recognizer import FaceRecognizer
     from faceemd.training import run_training
 
-    cfg = compose_train(["trainer.max_epochs=4", *TINY_TRAIN])
+    # Validation is open-set (identities never trained on): 12 training identities and 10 queries
+    # left the gain inside the noise (0.3 -> 0.3 here, 0.3 -> 0.2 on CI). 40 identities, AdamW and
+    # 30 queries gained 0.20-0.37 over seeds 0-3 (see the margin below).
+    cfg = compose_train(
+        [
+            "trainer.max_epochs=4",
+            *TINY_TRAIN,
+            "train_data.train.num_identities=40",
+            "train_data.train.images_per_identity=8",
+            "train_data.batch_size=40",
+            "train_data.val.query.num_identities=30",
+            "optimizer=adamw",
+        ]
+    )
     L.seed_everything(cfg.seed)
     dm = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone))
     c = OmegaConf.to_container(cfg, resolve=True)
     untrained = FaceRecognizer(c["backbone"], c["head"], dm.num_classes, c["optimizer"])
     before = _validate_p_at_1(cfg, untrained, dm)
     metrics = run_training(cfg)
-    assert metrics["stage1/p_at_1"] > before
+    assert metrics["stage1/p_at_1"] >= before + 0.1  # at least 3 more of the 30 queries right
     (log,) = tmp_path.glob("csv/*/metrics.csv")
     epoch_loss = [
         float(r["train/loss_epoch"]) for r in csv.DictReader(open(log)) if r.get("train/loss_epoch")
