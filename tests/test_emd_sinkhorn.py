@@ -212,15 +212,43 @@ def test_eps_scaling_matches_pot_sinkhorn_at_the_final_eps(backend):
 
 
 def test_eps_schedule_halves_down_to_eps():
+    """Stages eps * 2^m, ..., eps with 2^m the power of two nearest eps_start / eps (m >= 1):
+    halving lets each stage's kernel be the previous plan squared."""
     from faceemd.emd.sinkhorn import SinkhornSettings, eps_schedule
 
     assert eps_schedule(SinkhornSettings(eps=0.05)) == [0.05]
     assert eps_schedule(SinkhornSettings(eps=0.05, eps_start=0.01)) == [0.05]
     assert eps_schedule(SinkhornSettings(eps=0.01, eps_start=0.05)) == pytest.approx(
-        [0.05, 0.025, 0.0125, 0.01]
+        [0.04, 0.02, 0.01]  # 5 -> 4
     )
     assert eps_schedule(SinkhornSettings(eps=0.0125, eps_start=0.05)) == pytest.approx(
         [0.05, 0.025, 0.0125]
     )
+    assert eps_schedule(SinkhornSettings(eps=0.02, eps_start=0.05)) == pytest.approx([0.04, 0.02])
+    assert eps_schedule(SinkhornSettings(eps=0.02, eps_start=0.025)) == pytest.approx([0.04, 0.02])
     with pytest.raises(ValueError, match="eps_start"):
         SinkhornSettings(eps=0.01, eps_start=-1.0)
+
+
+@pytest.mark.parametrize("backend", SCALED)
+@pytest.mark.parametrize("eps_start", [None, 0.08])
+def test_weight_sets_sharing_the_kernels_equal_separate_solves(backend, eps_start):
+    """Two weight sets of the same problems in one solve (shared first kernels) give what two
+    separate solves give, to float32 rounding."""
+    from faceemd.emd.sinkhorn import SinkhornSettings, solve
+
+    cost, u, v = _problem(b=3, k=4, r=9, c=16, seed=7)
+    sim = torch.rsub(cost.reshape(12, 9, 9), 1.0)
+    u2 = torch.softmax(torch.randn(12, 9, generator=torch.Generator().manual_seed(8)), -1)
+    v2 = torch.softmax(torch.randn(12, 9, generator=torch.Generator().manual_seed(9)), -1)
+    settings = SinkhornSettings(eps=0.02, eps_start=eps_start, max_iter=5000, tol=1e-6,
+                                backend=backend)  # fmt: skip
+    both = solve(sim, torch.stack([u.reshape(12, 9), u2]), torch.stack([v.reshape(12, 9), v2]),
+                 settings, return_flow=True)  # fmt: skip
+    assert both.similarity.shape == (2, 12) and both.flow.shape == (2, 12, 9, 9)
+    for i, (ui, vi) in enumerate([(u.reshape(12, 9), v.reshape(12, 9)), (u2, v2)]):
+        alone = solve(sim, ui, vi, settings, return_flow=True)
+        assert_close(both[i].similarity, alone.similarity, atol=1e-6, rtol=0)
+        assert_close(both[i].flow, alone.flow, atol=1e-6, rtol=0)
+        assert_close(both[i].flow.sum(-2), vi, atol=2e-6, rtol=0)  # columns within tol
+    assert float((both.similarity[0] - both.similarity[1]).abs().max()) > 1e-3

@@ -29,20 +29,28 @@ def solve_problems(
     settings: SinkhornSettings,
     return_flow: bool = False,
 ) -> EMDResult:
-    """Solve the problems ``sim (B, K, R, R')``, ``u (B, K, R)``, ``v (B, K, R')`` with
-    ``solver`` (``exact``: POT's network simplex; ``sinkhorn`` with ``settings``); the
-    result's fields are shaped ``(B, K)`` (flow ``(B, K, R, R')``)."""
+    """Solve the problems ``sim (B, K, R, R')``, ``u (..., B, K, R)``, ``v (..., B, K, R')`` with
+    ``solver`` (``exact``: POT's network simplex; ``sinkhorn`` with ``settings``). Leading
+    dimensions of the weights are further weight sets of the same pairs (e.g. one per
+    weighting; Sinkhorn shares their kernels). The result's fields are shaped
+    ``u.shape[:-1]`` (flow ``u.shape[:-1] + (R, R')``)."""
     if solver == "exact":
-        return exact_emd(torch.rsub(sim, 1.0), u, v, return_flow=return_flow)
-    b, k, r, r2 = sim.shape
-    flat = (sim.reshape(b * k, r, r2), u.reshape(b * k, r), v.reshape(b * k, r2))
-    out = solve(*flat, settings, return_flow, sim_bound=1.0)
+        cost = torch.rsub(sim, 1.0).expand(*u.shape[:-1], *sim.shape[-2:])
+        return exact_emd(cost, u, v, return_flow=return_flow)
+    r, r2 = sim.shape[-2:]
+    flat = sim.reshape(-1, r, r2)
+    lead = u.shape[:-3]
+    out = solve(
+        flat, u.reshape(*lead, -1, r), v.reshape(*lead, -1, r2), settings, return_flow,
+        sim_bound=1.0,
+    )  # fmt: skip
+    shape = u.shape[:-1]
     return EMDResult(
-        out.distance.view(b, k),
-        out.similarity.view(b, k),
-        None if out.flow is None else out.flow.view(b, k, r, r2),
-        out.iterations.view(b, k),
-        out.marginal_error.view(b, k),
+        out.distance.view(shape),
+        out.similarity.view(shape),
+        None if out.flow is None else out.flow.view(*shape, r, r2),
+        out.iterations.view(shape),
+        out.marginal_error.view(shape),
     )
 
 

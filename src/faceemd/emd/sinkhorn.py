@@ -26,6 +26,7 @@ the input dtype. The multiplicative rule has two backends with the same stopping
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +58,14 @@ class EMDResult:
     iterations: Tensor
     marginal_error: Tensor
 
+    def __getitem__(self, index) -> EMDResult:
+        """The results of ``index`` into the batch (e.g. one weight set of a shared solve)."""
+        flow = None if self.flow is None else self.flow[index]
+        return EMDResult(
+            self.distance[index], self.similarity[index], flow, self.iterations[index],
+            self.marginal_error[index],
+        )  # fmt: skip
+
 
 @dataclass
 class SinkhornSettings:
@@ -64,10 +73,11 @@ class SinkhornSettings:
     tol: L1 marginal error at which a problem counts as converged. check_every: iterations
     between convergence checks of the torch backend (one host sync each). log_domain: force
     the log-domain updates. backend: ``'auto'``, ``'torch'`` or ``'numba'`` (CPU only).
-    eps_start: eps-scaling: solve at ``eps_start``, then at half of it, ... down to ``eps``,
-    each stage warm-started from the last (:func:`eps_schedule`); this reaches an ``eps`` small
-    enough for the plan to be near the exact EMD's at a fraction of a cold start's
-    iterations. None (or ``<= eps``): one stage at ``eps``."""
+    eps_start: eps-scaling: solve at about ``eps_start`` (``eps`` times the nearest power of
+    two), then at half of it, ... down to ``eps``, each stage warm-started from the last
+    (:func:`eps_schedule`); this reaches an ``eps`` small enough for the plan to be near the
+    exact EMD's at a fraction of a cold start's iterations. None (or ``<= eps``): one stage at
+    ``eps``."""
 
     eps: float = 0.05
     max_iter: int = 200
@@ -138,91 +148,107 @@ def solve(
     return_flow: bool = False,
     sim_bound: float | None = None,
 ) -> EMDResult:
-    """Solve ``N`` problems with cost ``1 - sim``: sim ``(N, R, R')`` float32, u ``(N, R)``,
-    v ``(N, R')``. ``sim_bound``: a known bound on ``|sim|`` (1 for clamped cosines), which
-    spares a pass to find the kernel's range. Returns an :class:`EMDResult` over ``(N,)``."""
-    u, v = u.float(), v.float()
-    if settings.eps_start is not None and settings.eps_start > settings.eps:
-        return _solve_scaled(sim, u, v, settings, return_flow)
-    kernel = _kernel(sim, settings, sim_bound)
+    """Solve ``N`` problems with cost ``1 - sim``: sim ``(N, R, R')`` float32, u ``(..., N, R)``,
+    v ``(..., N, R')``. Leading dimensions of the weights are further weight sets (e.g. several
+    weightings) of the same ``N`` problems: they share the kernels, so one exponential pass
+    serves them all. ``sim_bound``: a known bound on ``|sim|`` (1 for clamped cosines), which
+    spares a pass to find the kernel's range. Returns an :class:`EMDResult` over
+    ``u.shape[:-1]``.
+
+    With eps-scaling (:func:`eps_schedule`; Schmitzer 2019, Sec. 3.2) each stage is warm-started
+    from the previous one's dual potentials ``f, g``: its kernel is ``exp((f_i + g_j - C_ij) /
+    eps)``, and with eps halved that is the previous stage's plan squared, ``(a_i K_ij b_j)^2``,
+    so only the first stage needs exponentials (``exp((sim_ij - max_j sim_ij) / eps_0)``, row
+    maxima as the first potentials). A converged plan has entries <= 1, so every stage's kernel
+    is <= 1 (no overflow) and entries that underflow to 0 carry less than exp(-87) of mass: the
+    multiplicative updates stay exact to float32 at any eps. Stages before the last stop at an
+    L1 marginal error of ``max(tol, 1e-2)`` (only their plans are kept); the last at ``tol``.
+    ``max_iter`` bounds each stage; iterations are summed over stages.
+    """
+    n, r1, r2 = sim.shape
+    batch = u.shape[:-1]
+    u, v = u.float().reshape(-1, r1), v.float().reshape(-1, r2)
+    copies = len(u) // max(n, 1)
+    if u.shape[0] != copies * n or v.shape[0] != u.shape[0]:
+        raise ValueError(
+            f"weights u {tuple(u.shape)}, v {tuple(v.shape)} do not match {n} problems"
+        )
+    stages = len(eps_schedule(settings))
+    kernel = _first_kernel(sim, settings, sim_bound)
     if kernel is None:
+        sim = sim.repeat(copies, 1, 1)
         cost = torch.rsub(sim, 1.0)
         flow, iters, err = _sinkhorn_log(
             cost, u, v, settings.eps, settings.max_iter, settings.tol, settings.check_every
         )
         similarity = (flow * sim).sum((-1, -2))
         distance = (flow * cost).sum((-1, -2))
-        return EMDResult(distance, similarity, flow if return_flow else None, iters, err)
-    a, b, similarity, total, err, iters = _scalings(kernel, sim, u, v, settings, settings.tol)
-    flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
-    return EMDResult(total - similarity, similarity, flow, iters, err)
+    else:
+        a, b, kernel, similarity, total, err, iters = _scalings(kernel, sim, u, v, settings, stages)
+        distance = total - similarity
+        flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
+    return EMDResult(
+        distance.reshape(batch),
+        similarity.reshape(batch),
+        flow.reshape(*batch, r1, r2) if return_flow else None,
+        iters.reshape(batch),
+        err.reshape(batch),
+    )
 
 
 def eps_schedule(settings: SinkhornSettings) -> list[float]:
-    """The entropic regularisations of an eps-scaling solve: ``eps_start`` halved stage by
-    stage down to ``eps`` (the last stage is exactly ``eps``); ``[eps]`` without scaling."""
+    """The entropic regularisations of a solve, one per stage: ``[eps]`` without eps-scaling;
+    with it ``eps * 2^m, ..., 2 eps, eps``, where ``2^m`` (m >= 1) is the power of two nearest
+    ``eps_start / eps`` in log scale (halving stages: each stage's kernel is the previous plan
+    squared, see :func:`solve`)."""
     if settings.eps_start is None or settings.eps_start <= settings.eps:
         return [settings.eps]
-    stages = [settings.eps_start]
-    while stages[-1] / 2 > settings.eps * (1 + 1e-9):
-        stages.append(stages[-1] / 2)
-    return [*stages, settings.eps]
+    m = max(1, round(math.log2(settings.eps_start / settings.eps)))
+    return [settings.eps * 2.0**i for i in range(m, -1, -1)]
 
 
-def _solve_scaled(
-    sim: Tensor, u: Tensor, v: Tensor, settings: SinkhornSettings, return_flow: bool
-) -> EMDResult:
-    """eps-scaling (Schmitzer 2019, Sec. 3.2): Sinkhorn at each eps of :func:`eps_schedule`,
-    each stage warm-started from the previous one's dual potentials ``f (N, R)``, ``g (N, R')``
-    absorbed into its kernel ``exp((f_i + g_j - C_ij) / eps)``. A converged plan has entries
-    <= 1, so every stage's kernel is <= 1 (no overflow) and entries that underflow to 0 carry
-    less than exp(-87) of mass: the multiplicative updates stay exact to float32 at any eps,
-    and each stage starts close to its solution instead of from scratch. Stages before the
-    last stop at an L1 marginal error of ``max(tol, 1e-2)`` (only their potentials are kept);
-    the last at ``tol``. ``max_iter`` bounds each stage; iterations are summed over stages."""
-    cost = torch.rsub(sim, 1.0)
-    f = cost.amin(-1)  # row minima: the first kernel's largest entry per row is 1
-    g = torch.zeros_like(v)
-    iterations = torch.zeros(len(sim), dtype=torch.int32, device=sim.device)
-    tiny = torch.finfo(torch.float32).tiny
-    schedule = eps_schedule(settings)
-    for stage, eps in enumerate(schedule):
-        last = stage == len(schedule) - 1
-        kernel = (f.unsqueeze(-1) + g.unsqueeze(-2)).sub_(cost).mul_(1.0 / eps).exp_()
-        tol = settings.tol if last else max(settings.tol, _STAGE_TOL)
-        a, b, similarity, total, err, iters = _scalings(kernel, sim, u, v, settings, tol)
-        iterations += iters.to(torch.int32)
-        if not last:  # absorb the scalings; a zero-weight patch (scaling 0) keeps its potential
-            f = f + eps * torch.where(a > 0, a.clamp_min(tiny).log(), 0.0)
-            g = g + eps * torch.where(b > 0, b.clamp_min(tiny).log(), 0.0)
-    flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
-    return EMDResult(total - similarity, similarity, flow, iterations, err)
-
-
-def _scalings(kernel: Tensor, sim: Tensor, u: Tensor, v: Tensor, settings, tol: float):
-    """Multiplicative Sinkhorn on ``kernel (N, R, R')`` with the configured backend: the
-    scalings ``a (N, R)``, ``b (N, R')``, ``<T, sim>``, ``sum(T)``, L1 marginal error and
-    iterations, each per problem."""
+def _scalings(kernel: Tensor, sim: Tensor, u: Tensor, v: Tensor, settings, stages: int):
+    """Multiplicative Sinkhorn over ``stages`` eps-halving stages from the first kernels
+    ``(N, R, R')`` with the configured backend; ``u (M, R)``, ``v (M, R')`` with ``M`` a multiple
+    of ``N`` (problem ``p`` uses kernel ``p mod N``). Returns the scalings ``a (M, R)``,
+    ``b (M, R')``, the last stage's kernels ``(M, R, R')``, then ``<T, sim>``, ``sum(T)``, the
+    L1 marginal error and the iterations, each ``(M,)``."""
     backend = settings.backend
     if backend == "auto":
         backend = "numba" if sim.device.type == "cpu" else "torch"
+    stage_tol = max(settings.tol, _STAGE_TOL)
     if backend == "numba":
         if sim.device.type != "cpu":
             raise ValueError("the numba Sinkhorn backend runs on CPU tensors; use 'torch'")
         from faceemd.emd.sinkhorn_cpu import sinkhorn_cpu
 
-        return sinkhorn_cpu(kernel, sim, u, v, tol, settings.max_iter)
-    a, b, iters, err, row = _sinkhorn_mult(
-        kernel, u, v, settings.max_iter, tol, settings.check_every
-    )
+        return sinkhorn_cpu(kernel, sim, u, v, stages, stage_tol, settings.tol, settings.max_iter)
+    copies = len(u) // max(len(kernel), 1)
+    if copies > 1:
+        kernel, sim = kernel.repeat(copies, 1, 1), sim.repeat(copies, 1, 1)
+    iterations = torch.zeros(len(u), dtype=torch.int32, device=sim.device)
+    for stage in range(stages):
+        last = stage == stages - 1
+        a, b, iters, err, row = _sinkhorn_mult(
+            kernel, u, v, settings.max_iter, settings.tol if last else stage_tol,
+            settings.check_every,
+        )  # fmt: skip
+        iterations += iters
+        if not last:  # the plan squared; a zero-weight patch (scaling 0) keeps its scale
+            a, b = torch.where(a > 0, a, 1.0), torch.where(b > 0, b, 1.0)
+            kernel = (a.unsqueeze(-1) * kernel * b.unsqueeze(-2)).square_()
     # <T, sim> = a^T (K o sim) b without forming T.
     similarity = (torch.bmm(a.unsqueeze(1), kernel * sim).squeeze(1) * b).sum(-1)
-    return a, b, similarity, row.sum(-1), err, iters
+    return a, b, kernel, similarity, row.sum(-1), err, iterations
 
 
-def _kernel(sim: Tensor, settings: SinkhornSettings, bound: float | None) -> Tensor | None:
-    """``exp((sim - shift) / eps)`` for ``(N, R, R')``, or None when the log domain is forced
-    or some problem's range exceeds what the multiplicative kernel can hold."""
+def _first_kernel(sim: Tensor, settings: SinkhornSettings, bound: float | None) -> Tensor | None:
+    """The first stage's kernel ``(N, R, R')``: with eps-scaling ``exp((sim - rowmax) / eps_0)``;
+    otherwise ``exp((sim - shift) / eps)``, or None when the log domain is forced or some
+    problem's range exceeds what the multiplicative kernel can hold."""
+    schedule = eps_schedule(settings)
+    if len(schedule) > 1:
+        return torch.sub(sim, sim.amax(-1, keepdim=True)).mul_(1.0 / schedule[0]).exp_()
     if settings.log_domain:
         return None
     limit = _MAX_KERNEL_EXPONENT * settings.eps

@@ -2,14 +2,15 @@
 
 The batched torch solver (:mod:`faceemd.emd.sinkhorn`) streams every kernel through two
 matrix-vector products per iteration and pays a dispatch per operation; on a CPU that makes
-Sinkhorn memory- and overhead-bound. Here each ``(R, R')`` problem (16 KB at 8x8) is solved to
-its own convergence while its kernel sits in the L1 cache, problems spread over the CPU's
-threads with ``prange``, and the marginal check comes free with every column update, so no
-problem runs an iteration more than it needs.
+Sinkhorn memory- and overhead-bound. Here each ``(R, R')`` problem (7 KB at 7x6) runs all its
+eps-scaling stages to convergence while its kernel sits in the L1 cache, problems spread over
+the CPU's threads with ``prange``, and the marginal check comes free with every column update,
+so no problem runs an iteration more than it needs.
 
-Same update rule and stopping rule as the torch solver: ``a = u / (K b)``, ``b = v / (K^T a)``;
-stop when the L1 error of the column marginals of ``diag(a) K diag(b_prev)`` (whose rows are
-exact) is ``<= tol`` or after ``max_iter`` iterations.
+Same update rule, stopping rule and stage rule as the torch solver: ``a = u / (K b)``,
+``b = v / (K^T a)``; a stage stops when the L1 error of the column marginals of
+``diag(a) K diag(b_prev)`` (whose rows are exact) is ``<= tol`` or after ``max_iter``
+iterations; the next stage (eps halved) starts from the kernel ``(a_i K_ij b_j)^2``.
 """
 
 from __future__ import annotations
@@ -25,36 +26,55 @@ _FLOOR = np.float32(1e-38)
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _solve(kernel, sim, u, v, tol, max_iter, a_out, b_out, ka_out, stats):  # pragma: no cover
-    n, r1, r2 = kernel.shape
-    for p in numba.prange(n):
-        k = kernel[p]
+def _solve(
+    kernel, sim, u, v, stages, stage_tol, tol, max_iter, work, a_out, b_out, ka_out, stats
+):  # pragma: no cover
+    n0, r1, r2 = kernel.shape
+    for p in numba.prange(u.shape[0]):
+        k = work[p]  # this problem's kernel, squared in place between stages
+        k[:, :] = kernel[p % n0]
         a = a_out[p]
         b = b_out[p]
         ka = ka_out[p]  # column sums K^T a; preallocated: no allocation inside the parallel loop
-        b[:] = 1.0
-        it = 0
+        up = u[p]
+        vp = v[p]
+        total_it = 0
         err = np.float32(0.0)
-        while True:
-            for i in range(r1):
-                s = np.float32(0.0)
+        for stage in range(stages):
+            last = stage == stages - 1
+            stop = tol if last else stage_tol
+            b[:] = 1.0
+            it = 0
+            while True:
+                for i in range(r1):
+                    s = np.float32(0.0)
+                    for j in range(r2):
+                        s += k[i, j] * b[j]
+                    a[i] = up[i] / max(s, _FLOOR)
+                ka[:] = 0.0
+                for i in range(r1):
+                    ai = a[i]
+                    for j in range(r2):
+                        ka[j] += k[i, j] * ai
+                it += 1
+                err = np.float32(0.0)
                 for j in range(r2):
-                    s += k[i, j] * b[j]
-                a[i] = u[p, i] / max(s, _FLOOR)
-            ka[:] = 0.0
-            for i in range(r1):
-                ai = a[i]
+                    err += abs(b[j] * ka[j] - vp[j])
+                if err <= stop or it >= max_iter:
+                    break
                 for j in range(r2):
-                    ka[j] += k[i, j] * ai
-            it += 1
-            err = np.float32(0.0)
-            for j in range(r2):
-                err += abs(b[j] * ka[j] - v[p, j])
-            if err <= tol or it >= max_iter:
-                break
-            for j in range(r2):
-                b[j] = v[p, j] / max(ka[j], _FLOOR)
-        s = sim[p]
+                    b[j] = vp[j] / max(ka[j], _FLOOR)
+            total_it += it
+            if not last:  # next kernel: the plan squared; a zero-weight patch keeps its scale
+                for j in range(r2):
+                    if b[j] <= 0.0:
+                        b[j] = 1.0
+                for i in range(r1):
+                    ai = a[i] if a[i] > 0.0 else np.float32(1.0)
+                    for j in range(r2):
+                        t = ai * k[i, j] * b[j]
+                        k[i, j] = t * t
+        s = sim[p % n0]
         total = np.float32(0.0)
         weighted = np.float32(0.0)
         for i in range(r1):
@@ -65,35 +85,53 @@ def _solve(kernel, sim, u, v, tol, max_iter, a_out, b_out, ka_out, stats):  # pr
         stats[p, 0] = weighted
         stats[p, 1] = total
         stats[p, 2] = err
-        stats[p, 3] = it
+        stats[p, 3] = total_it
 
 
 def sinkhorn_cpu(
-    kernel: Tensor, sim: Tensor, u: Tensor, v: Tensor, tol: float, max_iter: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Solve ``N`` problems given their kernels ``(N, R, R')`` (entries in (0, 1], float32),
-    patch cosines ``sim (N, R, R')`` and weights ``u (N, R)``, ``v (N, R')``.
+    kernel: Tensor,
+    sim: Tensor,
+    u: Tensor,
+    v: Tensor,
+    stages: int,
+    stage_tol: float,
+    tol: float,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Solve ``M`` problems given the first-stage kernels ``(N, R, R')`` (entries in (0, 1],
+    float32) and patch cosines ``sim (N, R, R')`` of ``N`` problems, and weights ``u (M, R)``,
+    ``v (M, R')`` with ``M`` a multiple of ``N``: problem ``p`` uses kernel ``p mod N`` (several
+    weightings of the same pairs share one kernel). ``stages`` eps-halving stages, the ones
+    before the last stopping at ``stage_tol``, the last at ``tol``; ``max_iter`` per stage.
 
-    Returns ``a (N, R)``, ``b (N, R')`` (the plan is ``a_i K_ij b_j``), ``<T, sim>``,
-    ``sum(T)``, the L1 marginal error and the iterations, each ``(N,)``. Runs on
-    ``torch.get_num_threads()`` threads (at most numba's own limit).
+    Returns ``a (M, R)``, ``b (M, R')`` and the last stage's kernels ``(M, R, R')`` (the plan
+    is ``a_i K_ij b_j``), ``<T, sim>``, ``sum(T)``, the L1 marginal error and the iterations
+    summed over stages, each ``(M,)``. Runs on ``torch.get_num_threads()`` threads (at most
+    numba's own limit).
     """
     n, r1, r2 = kernel.shape
-    a = torch.empty(n, r1)
-    b = torch.empty(n, r2)
-    ka = torch.empty(n, r2)
-    stats = torch.empty(n, 4)
+    m = u.shape[0]
+    if m % max(n, 1):
+        raise ValueError(f"{m} weight vectors for {n} kernels: expected a multiple")
+    a = torch.empty(m, r1)
+    b = torch.empty(m, r2)
+    ka = torch.empty(m, r2)
+    work = torch.empty(m, r1, r2)
+    stats = torch.empty(m, 4)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     _solve(
         kernel.contiguous().numpy(),
         sim.float().contiguous().numpy(),
         u.float().contiguous().numpy(),
         v.float().contiguous().numpy(),
+        int(stages),
+        np.float32(stage_tol),
         np.float32(tol),
         int(max_iter),
+        work.numpy(),
         a.numpy(),
         b.numpy(),
         ka.numpy(),
         stats.numpy(),
     )
-    return a, b, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3].int()
+    return a, b, work, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3].int()

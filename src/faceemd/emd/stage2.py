@@ -103,10 +103,10 @@ def stage2_scores_for(
                 candidate_pooled=pooled[cand],
                 candidate_scales=None if scales is None else scales[cand],
             )
-            results = {
-                w: solve_problems(sim, u, v, cfg.solver, solver_settings)
-                for w, (u, v) in weights.items()
-            }
+            u = torch.stack([u for u, _ in weights.values()])  # (W, B, k, R): one per weighting
+            v = torch.stack([v for _, v in weights.values()])
+            solved = solve_problems(sim, u, v, cfg.solver, solver_settings)
+            results = {w: solved[i] for i, w in enumerate(weights)}
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
