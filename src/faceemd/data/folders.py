@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -186,18 +187,19 @@ class _FileFaces:
         content_hash: use each file's SHA-256 instead of its size and time (reads every file;
         notices an image replaced by one of the same size and time)."""
         h = hashlib.sha256()
+        root = str(self.root)  # os.path on strings: a sweep's every job stats every file
         for rel, label in zip(self.files, self.labels, strict=True):
             try:
                 if content_hash:
                     stamp = hashlib.sha256((self.root / rel).read_bytes()).hexdigest()
                 else:
-                    st = (self.root / rel).stat()
+                    st = os.stat(os.path.join(root, rel))
                     stamp = f"{st.st_size}:{st.st_mtime_ns}"
             except OSError:
                 stamp = "missing"
             h.update(f"{rel}\t{label}\t{stamp}\n".encode())
         for rel in sorted(self.landmarks):
-            h.update(rel.encode() + self.landmarks[rel].astype(np.float32).tobytes())
+            h.update(rel.encode() + np.ascontiguousarray(self.landmarks[rel], np.float32).tobytes())
         return {
             "type": type(self).__name__,
             "root": str(self.root.resolve()),

@@ -60,10 +60,12 @@ class Manifest:
         self.match = match or {}
         self.done: dict[str, dict] = {}
         if self.path.is_file():
+            root = str(self.root)
             for entry in kept(self.path, _read_entries, "manifest entries"):
                 if any(entry.get(k) != v for k, v in self.match.items()):
                     continue
-                if entry.get("status") == "skipped" or (self.root / entry["rel"]).is_file():
+                ok = entry.get("status") != "skipped"
+                if not ok or os.path.isfile(os.path.join(root, entry["rel"])):
                     self.done[entry["rel"]] = entry
         self._handle = None
 

@@ -12,9 +12,11 @@ set of frontal and one of profile photos of the same root): each reads its own i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,16 @@ from faceemd.data.manifest import Manifest, landmark_list, write_image
 __all__ = ["MaterialisedFaces"]
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _png_relpath(source: str) -> str:
+    """See :meth:`MaterialisedFaces._relpath` (memoised: every job of a sweep maps every file)."""
+    src = Path(source)
+    if src.is_absolute() or ".." in src.parts or not src.parts:
+        digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
+        return f"_outside/{digest}-{src.stem}.png"
+    return str(src.with_suffix(".png"))
 
 
 class MaterialisedFaces(_FileFaces):
@@ -67,11 +79,7 @@ class MaterialisedFaces(_FileFaces):
         files = getattr(self.source, "files", None)
         if files is None:
             return f"{self._source_names[index]}/{index:06d}.png"
-        src = Path(files[index])
-        if src.is_absolute() or ".." in src.parts or not src.parts:
-            digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
-            return f"_outside/{digest}-{src.stem}.png"
-        return str(src.with_suffix(".png"))
+        return _png_relpath(files[index])
 
     def source_name(self, index: int) -> str:
         """How to name source item ``index`` in messages: its file, else its position."""
@@ -84,7 +92,7 @@ class MaterialisedFaces(_FileFaces):
         if files is None or root is None:
             return None
         try:
-            st = (Path(root) / files[index]).stat()
+            st = os.stat(os.path.join(root, files[index]))
         except OSError:
             return "missing"
         return f"{st.st_size}:{st.st_mtime_ns}"
