@@ -197,3 +197,32 @@ def test_scores_for_several_weightings_equal_one_pass_per_weighting():
         torch.testing.assert_close(together[w], alone, atol=1e-5, rtol=0)
     # the weightings differ on these features (else the check above would prove little)
     assert (together["uniform"] - together["sc"]).abs().max() > 1e-3
+
+
+def test_stage1_key_reuses_the_last_ranking_only_for_the_same_key_and_settings(monkeypatch):
+    """A sweep's jobs pass the same stage1_key: stage 1 runs once; another key, depth or
+    exclusion runs it again. The reused ranking equals a fresh one."""
+    import faceemd.emd.rerank as rerank_module
+
+    calls = []
+    real = rerank_module.stage1_topk
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rerank_module, "stage1_topk", counted)
+    monkeypatch.setattr(rerank_module, "_STAGE1", {})
+    q, g = _bank(5, d=8, r=4, c=8, seed=1), _bank(20, d=8, r=4, c=8, seed=2)
+    cfg = RerankConfig(top_k=3, eps=0.1, eps_start=None)
+    fresh = two_stage_rank(q, g, cfg, depth=6)
+    first = two_stage_rank(q, g, cfg, depth=6, stage1_key="a")
+    again = two_stage_rank(q, g, cfg, depth=6, stage1_key="a")
+    assert len(calls) == 2  # the keyless call and the first keyed one
+    for ranking in (first, again):
+        torch.testing.assert_close(ranking.stage1_index, fresh.stage1_index, rtol=0, atol=0)
+        torch.testing.assert_close(ranking.stage2_index, fresh.stage2_index, rtol=0, atol=0)
+    two_stage_rank(q, g, cfg, depth=7, stage1_key="a")
+    two_stage_rank(q, g, cfg, depth=7, stage1_key="b")
+    two_stage_rank(q, q, cfg, exclude=torch.arange(5), depth=3, stage1_key="b")
+    assert calls == [6, 6, 7, 7, 3]

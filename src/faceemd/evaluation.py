@@ -349,9 +349,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             share = (cfg.get("cache") or {}).get("sweep_weightings", True)
             others = swept_values("rerank.weighting") if share else []
             scores = ScoreCache(cache, feats, rerank, (query, gallery), others)
+            keys = [f.key for f in feats.values()]
             results, ranking = evaluate_features(
-                query, gallery, rerank, same, scores.lookup, r_counts_query
-            )
+                query, gallery, rerank, same, scores.lookup, r_counts_query,
+                cache_key(kind="embeddings", features=keys) if all(keys) else None,
+            )  # fmt: skip
             results.update({f"eval/solver_{k}": v for k, v in scores.stats.items()})
             results["eval/prefetched_weightings"] = len(scores.prefetched)
         results["eval/cached_stage2"] = int(scores.hit)

@@ -20,6 +20,7 @@ def evaluate_features(
     same_images: bool,
     emd_scores=None,
     r_counts_query: bool = False,
+    stage1_key: str | None = None,
 ) -> tuple[dict[str, float], Ranking]:
     """Two-stage ranking plus metrics for extracted features.
 
@@ -27,6 +28,7 @@ def evaluate_features(
     emd_scores: optional cached stage-2 scores lookup (see :func:`two_stage_rank`).
     r_counts_query: R-Precision / MAP@R with the public code's R, which counts the query's own
     image on query-equals-gallery protocols (:func:`relevant_counts`); P@1 is unchanged.
+    stage1_key: names the embeddings' content; see :func:`two_stage_rank`.
     Returns ``(metrics, ranking)``; metric keys ``stage{1,2}/{p_at_1,r_precision,map_at_r}``,
     ``stage1/max_precision_at_k`` and ``eval/*`` counts and seconds. Inside a process group
     (DDP), every process must call it: each ranks a contiguous block of the queries and the
@@ -38,7 +40,7 @@ def evaluate_features(
     if exclude is not None:
         r_depth = min(r_depth, len(gallery) - 1)  # a counted own image is never ranked
     depth = max(r_depth, cfg.top_k, 1)
-    ranking = _sharded_rank(query, gallery, cfg, exclude, depth, emd_scores)
+    ranking = _sharded_rank(query, gallery, cfg, exclude, depth, emd_scores, stage1_key)
     hits1 = _hits(ranking.stage1_index, query.labels, gallery.labels, r)
     hits2 = _hits(ranking.stage2_index, query.labels, gallery.labels, r)
     m1 = identification_metrics(hits1, r, hits1, cfg.top_k)
@@ -72,12 +74,13 @@ def _sharded_rank(
     exclude: Tensor | None,
     depth: int,
     emd_scores=None,
+    stage1_key: str | None = None,
 ) -> Ranking:
     """Two-stage ranking of this process's block of queries, gathered from every process."""
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world == 1:
-        return two_stage_rank(query, gallery, cfg, exclude, depth, emd_scores)
+        return two_stage_rank(query, gallery, cfg, exclude, depth, emd_scores, stage1_key)
     rank = dist.get_rank()
     bounds = [len(query) * i // world for i in range(world + 1)]
     lo, hi = bounds[rank], bounds[rank + 1]
@@ -89,8 +92,14 @@ def _sharded_rank(
     )
     mine = (
         two_stage_rank(
-            block, gallery, cfg, None if exclude is None else exclude[lo:hi], depth, emd_scores
-        )
+            block,
+            gallery,
+            cfg,
+            None if exclude is None else exclude[lo:hi],
+            depth,
+            emd_scores,
+            None if stage1_key is None else f"{stage1_key}:{lo}:{hi}",
+        )  # fmt: skip
         if hi > lo
         else None
     )

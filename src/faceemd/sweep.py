@@ -19,6 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from faceemd.filememo import kept
+
 __all__ = ["swept_values"]
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def swept_values(key: str) -> list[str]:
     arguments = [f"{k}={v}" for k, v in (hydra.sweeper.get("params") or {}).items()]
     saved = Path(hydra.sweep.dir) / "multirun.yaml"
     try:
-        arguments += list(OmegaConf.load(saved).hydra.overrides.task)
+        arguments += kept(saved, _sweep_arguments, "sweep arguments")
     except Exception as err:  # noqa: BLE001 - without it the job just does its own work
         log.debug("cannot read the sweep's arguments from %s (%s)", saved, err)
     found: list[str] = []
@@ -59,3 +61,8 @@ def swept_values(key: str) -> list[str]:
         log.debug("cannot parse the sweep's arguments %s (%s)", arguments, err)
         return []
     return found if len(found) > 1 else []
+
+
+def _sweep_arguments(path: Path) -> list[str]:
+    """The command-line overrides saved in a sweep's ``multirun.yaml``."""
+    return list(OmegaConf.load(path).hydra.overrides.task)

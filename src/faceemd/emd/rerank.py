@@ -19,6 +19,9 @@ from faceemd.emd.stage2 import stage2_depth, stage2_rerank, stage2_scores
 
 __all__ = ["two_stage_rank"]
 
+# stage1_key's memo: {(key, sizes, depth, exclusion, index settings): (scores, index)}
+_STAGE1: dict[tuple, tuple[Tensor, Tensor]] = {}
+
 
 def two_stage_rank(
     query: FeatureBank,
@@ -27,6 +30,7 @@ def two_stage_rank(
     exclude: Tensor | None = None,
     depth: int | None = None,
     emd_scores=None,
+    stage1_key: str | None = None,
 ) -> Ranking:
     """Stage 1 then stage 2 for every query (paper Fig. 2).
 
@@ -35,6 +39,9 @@ def two_stage_rank(
     ``cfg.top_k`` (default ``cfg.top_k``); metrics need it >= the largest R.
     emd_scores: optional ``callable(candidates (Q, k)) -> (Q, k) EMD similarities or None``
     (a cache lookup); computed with :func:`stage2_scores` when it returns None.
+    stage1_key: names the content of both embeddings (e.g. their feature cache keys): the
+    stage-1 ranking is kept in this process for the next call with the same key and settings
+    (the jobs of a sweep rank the same embeddings; only stage 2 differs).
     """
     for name, bank in (("query", query), ("gallery", gallery)):
         if not bank.verified:
@@ -49,7 +56,14 @@ def two_stage_rank(
             )
     depth = max(cfg.top_k, depth or 0, 1)
     t0 = time.perf_counter()
-    if cfg.stage1_index == "ivf":
+    memo = None
+    if stage1_key is not None:
+        excluded = None if exclude is None else exclude.cpu().numpy().tobytes()
+        memo = (stage1_key, len(query), len(gallery), depth, excluded, cfg.stage1_index,
+                cfg.ivf_nprobe)  # fmt: skip
+    if memo is not None and memo in _STAGE1:
+        s1, i1 = (t.clone() for t in _STAGE1[memo])
+    elif cfg.stage1_index == "ivf":
         s1, i1 = ivf_topk(
             query.embeddings, gallery.embeddings, depth, exclude, nprobe=cfg.ivf_nprobe
         )
@@ -57,6 +71,9 @@ def two_stage_rank(
         s1, i1 = stage1_topk(
             query.embeddings, gallery.embeddings, depth, exclude, chunk_size=cfg.chunk_size
         )
+    if memo is not None:
+        _STAGE1.clear()  # the last ranking only: a sweep's jobs come one after another
+        _STAGE1[memo] = (s1.clone(), i1.clone())
     t1 = time.perf_counter()
     k = stage2_depth(cfg.method, i1.shape[1])
     emd = None
