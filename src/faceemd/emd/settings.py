@@ -86,7 +86,7 @@ class RerankConfig:
     check_every: int = 10
     log_domain: bool = False
     backend: str = "auto"
-    eps_start: float | None = 0.05
+    eps_start: float | None = 0.04
     cost_dtype: str = "float32"
     query_batch: int | None = _no_score_effect(None)
     chunk_size: int = _no_score_effect(16384)
