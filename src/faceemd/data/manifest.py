@@ -64,8 +64,8 @@ class Manifest:
             for entry in kept(self.path, _read_entries, "manifest entries"):
                 if any(entry.get(k) != v for k, v in self.match.items()):
                     continue
-                ok = entry.get("status") != "skipped"
-                if not ok or os.path.isfile(os.path.join(root, entry["rel"])):
+                skipped = entry.get("status") == "skipped"
+                if skipped or os.path.isfile(os.path.join(root, entry["rel"])):
                     self.done[entry["rel"]] = entry
         self._handle = None
 

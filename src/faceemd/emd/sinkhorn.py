@@ -173,8 +173,8 @@ def solve(
         raise ValueError(
             f"weights u {tuple(u.shape)}, v {tuple(v.shape)} do not match {n} problems"
         )
-    stages = len(eps_schedule(settings))
-    kernel = _first_kernel(sim, settings, sim_bound)
+    schedule = eps_schedule(settings)
+    kernel = _first_kernel(sim, settings, schedule, sim_bound)
     if kernel is None:
         sim = sim.repeat(copies, 1, 1)
         cost = torch.rsub(sim, 1.0)
@@ -184,7 +184,9 @@ def solve(
         similarity = (flow * sim).sum((-1, -2))
         distance = (flow * cost).sum((-1, -2))
     else:
-        a, b, kernel, similarity, total, err, iters = _scalings(kernel, sim, u, v, settings, stages)
+        a, b, kernel, similarity, total, err, iters = _scalings(
+            kernel, sim, u, v, settings, len(schedule)
+        )
         distance = total - similarity
         flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
     return EMDResult(
@@ -242,11 +244,13 @@ def _scalings(kernel: Tensor, sim: Tensor, u: Tensor, v: Tensor, settings, stage
     return a, b, kernel, similarity, row.sum(-1), err, iterations
 
 
-def _first_kernel(sim: Tensor, settings: SinkhornSettings, bound: float | None) -> Tensor | None:
-    """The first stage's kernel ``(N, R, R')``: with eps-scaling ``exp((sim - rowmax) / eps_0)``;
-    otherwise ``exp((sim - shift) / eps)``, or None when the log domain is forced or some
-    problem's range exceeds what the multiplicative kernel can hold."""
-    schedule = eps_schedule(settings)
+def _first_kernel(
+    sim: Tensor, settings: SinkhornSettings, schedule: list[float], bound: float | None
+) -> Tensor | None:
+    """The first stage's kernel ``(N, R, R')`` for :func:`eps_schedule`'s ``schedule``: with
+    eps-scaling ``exp((sim - rowmax) / eps_0)``; otherwise ``exp((sim - shift) / eps)``, or None
+    when the log domain is forced or some problem's range exceeds what the multiplicative
+    kernel can hold."""
     if len(schedule) > 1:
         return torch.sub(sim, sim.amax(-1, keepdim=True)).mul_(1.0 / schedule[0]).exp_()
     if settings.log_domain:
