@@ -110,3 +110,25 @@ def test_public_r_definition_matches_bruteforce_through_evaluate_features(seed):
     assert public["stage1/map_at_r"] == pytest.approx(ref_mapr, abs=1e-9)
     assert public["stage1/p_at_1"] == default["stage1/p_at_1"]
     assert public["stage1/r_precision"] != default["stage1/r_precision"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_per_query_scores_match_a_loop_over_random_hit_tables(seed):
+    """Hit tables not made by a ranking (any pattern, R from 0 to the depth) against the
+    textbook formulas written per query."""
+    from faceemd.metrics import per_query_scores
+
+    rng = np.random.default_rng(seed)
+    q, depth = 40, 25
+    hits = rng.random((q, depth)) < rng.uniform(0.05, 0.6, (q, 1))
+    r = rng.integers(0, depth + 1, q)
+    got = per_query_scores(torch.from_numpy(hits), torch.from_numpy(r))
+    for i in range(q):
+        if r[i] == 0:
+            assert all(np.isnan(float(v[i])) for v in got.values())
+            continue
+        rel = hits[i, : r[i]].astype(float)
+        map_r = (np.cumsum(rel) / np.arange(1, r[i] + 1) * rel).sum() / r[i]
+        assert float(got["p_at_1"][i]) == float(hits[i, 0])
+        assert float(got["r_precision"][i]) == pytest.approx(rel.sum() / r[i], abs=1e-12)
+        assert float(got["map_at_r"][i]) == pytest.approx(map_r, abs=1e-12)

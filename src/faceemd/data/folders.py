@@ -53,6 +53,23 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 log = logging.getLogger(__name__)
 
 
+def _listing(folder: str | Path) -> tuple[list[str], list[str]]:
+    """``(image file names, subfolder names)`` of ``folder``, each sorted; ``([], [])`` for a
+    folder that does not exist. One ``scandir`` pass (the file type comes with the entry):
+    every job of a sweep lists the 1,621 identity folders of LFW again."""
+    images, folders = [], []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    folders.append(entry.name)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                    images.append(entry.name)
+    except FileNotFoundError:
+        return [], []
+    return sorted(images), sorted(folders)
+
+
 class BadImageError(ValueError):
     """An image file is missing or cannot be decoded."""
 
@@ -132,6 +149,14 @@ def _parse_landmarks(tsv: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or ``missing`` when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "missing"
+
+
 class _FileFaces:
     """Shared item loading for file-backed sets: ``self.files``, ``self.labels``, landmarks."""
 
@@ -186,20 +211,23 @@ class _FileFaces:
         keys the feature cache: editing, adding or removing an image changes it.
         content_hash: use each file's SHA-256 instead of its size and time (reads every file;
         notices an image replaced by one of the same size and time)."""
-        h = hashlib.sha256()
-        root = str(self.root)  # os.path on strings: a sweep's every job stats every file
-        for rel, label in zip(self.files, self.labels, strict=True):
-            try:
-                if content_hash:
-                    stamp = hashlib.sha256((self.root / rel).read_bytes()).hexdigest()
-                else:
-                    st = os.stat(os.path.join(root, rel))
-                    stamp = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                stamp = "missing"
-            h.update(f"{rel}\t{label}\t{stamp}\n".encode())
-        for rel in sorted(self.landmarks):
-            h.update(rel.encode() + np.ascontiguousarray(self.landmarks[rel], np.float32).tobytes())
+        if content_hash:
+            stamps = [_content_digest(self.root / rel) for rel in self.files]
+        else:
+            stamps = self.stamps()
+        h = hashlib.sha256()  # one update per part: a sweep's every job fingerprints its sets
+        h.update(
+            "".join(
+                f"{rel}\t{label}\t{stamp}\n"
+                for rel, label, stamp in zip(self.files, self.labels, stamps, strict=True)
+            ).encode()
+        )
+        h.update(
+            b"".join(
+                rel.encode() + np.ascontiguousarray(self.landmarks[rel], np.float32).tobytes()
+                for rel in sorted(self.landmarks)
+            )
+        )
         return {
             "type": type(self).__name__,
             "root": str(self.root.resolve()),
@@ -207,6 +235,20 @@ class _FileFaces:
             "on_bad_image": self.on_bad_image,
             "content_hash": content_hash,
         }
+
+    def stamps(self) -> list[str]:
+        """``size:mtime_ns`` of every file, in order (``missing`` where it cannot be stat'ed):
+        what :meth:`fingerprint` and sets made from this one check for edits."""
+        root = str(self.root)  # os.path on strings: a sweep's every job stats every file
+        out = []
+        for rel in self.files:
+            try:
+                st = os.stat(os.path.join(root, rel))
+            except OSError:
+                out.append("missing")
+                continue
+            out.append(f"{st.st_size}:{st.st_mtime_ns}")
+        return out
 
     def points5(self, index: int) -> np.ndarray | None:
         """The annotated 5 alignment points ``(5, 2)`` of item ``index`` (``landmarks5.tsv``
@@ -251,13 +293,13 @@ class ImageFolderFaces(_FileFaces):
     ) -> None:
         super().__init__(root, on_bad_image, landmarks, max_pixels)
         empty = []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            images = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for folder in _listing(self.root)[1]:
+            images = _listing(os.path.join(self.root, folder))[0]
             if not images:
-                empty.append(folder.name)
+                empty.append(folder)
                 continue
-            self.files += [f"{folder.name}/{name}" for name in images]
-            self.labels += [folder.name] * len(images)
+            self.files += [f"{folder}/{name}" for name in images]
+            self.labels += [folder] * len(images)
         self._keep_identities(min_images_per_identity)
         if max_identities is not None:
             kept = set(sorted(set(self.labels))[:max_identities])
@@ -329,7 +371,7 @@ class FlatFolderFaces(_FileFaces):
         regex = re.compile(LABEL_PATTERNS.get(label_pattern, label_pattern))
         if "name" not in regex.groupindex:
             raise ValueError(f"label_pattern {label_pattern!r} has no (?P<name>...) group")
-        images = sorted(p.name for p in self.root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = _listing(self.root)[0]
         stems: dict[str, str] = {}
         for name in images:
             stem = Path(name).stem
@@ -404,12 +446,9 @@ class CfpFaces(_FileFaces):
         if not images.is_dir():
             raise FileNotFoundError(f"{images} not found: is {self.root} the CFP root folder?")
         names = self._names() if labels == "name" else None
-        for ident in sorted(p.name for p in images.iterdir() if p.is_dir()):
+        for ident in _listing(images)[1]:
             for kind in ("frontal", "profile") if pose == "all" else (pose,):
-                folder = images / ident / kind
-                found = sorted(
-                    p.name for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                )
+                found = _listing(images / ident / kind)[0]
                 self.files += [f"Data/Images/{ident}/{kind}/{n}" for n in found]
                 label = ident if names is None else names.get(int(ident))
                 if label is None:

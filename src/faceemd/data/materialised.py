@@ -16,7 +16,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +85,11 @@ class MaterialisedFaces(_FileFaces):
         files = getattr(self.source, "files", None)
         return str(files[index]) if files is not None else f"#{index} ({self._source_names[index]})"
 
-    def _stamp(self, index: int) -> str | None:
-        """Size and modification time of the source file (None for generated sources)."""
-        files, root = getattr(self.source, "files", None), getattr(self.source, "root", None)
-        if files is None or root is None:
-            return None
-        try:
-            st = os.stat(os.path.join(root, files[index]))
-        except OSError:
-            return "missing"
-        return f"{st.st_size}:{st.st_mtime_ns}"
+    def _source_stamps(self) -> list[str | None]:
+        """Size and modification time of each source file (None for generated sources)."""
+        if hasattr(self.source, "stamps"):
+            return self.source.stamps()
+        return [None] * len(self.source)
 
     def _one(self, index: int, rel: str) -> dict:
         item = self.source[index]
@@ -115,9 +109,9 @@ class MaterialisedFaces(_FileFaces):
     def _materialise(self) -> None:
         made = skipped = 0
         rels = [self._relpath(i) for i in range(len(self.source))]
+        stamps = self._source_stamps()
         with Manifest(self.root) as manifest:
-            for index, rel in enumerate(rels):
-                stamp = self._stamp(index)
+            for index, (rel, stamp) in enumerate(zip(rels, stamps, strict=True)):
                 if rel in manifest.done and manifest.done[rel].get("stamp") == stamp:
                     continue
                 try:
