@@ -206,14 +206,15 @@ class _FileFaces:
         self.files = [f for f, _ in kept]
         self.labels = [lb for _, lb in kept]
 
-    def fingerprint(self, content_hash: bool = False) -> dict:
+    def fingerprint(self, content_hash: bool = False, stamps: list[str] | None = None) -> dict:
         """Manifest digest (relative path, label, size, mtime of every file, landmarks) that
         keys the feature cache: editing, adding or removing an image changes it.
         content_hash: use each file's SHA-256 instead of its size and time (reads every file;
-        notices an image replaced by one of the same size and time)."""
+        notices an image replaced by one of the same size and time). stamps: :meth:`stamps`
+        when the caller has just taken them."""
         if content_hash:
             stamps = [_content_digest(self.root / rel) for rel in self.files]
-        else:
+        elif stamps is None:
             stamps = self.stamps()
         h = hashlib.sha256()  # one update per part: a sweep's every job fingerprints its sets
         h.update(

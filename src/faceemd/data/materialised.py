@@ -42,14 +42,23 @@ class MaterialisedFaces(_FileFaces):
     """Base of the file-backed sets made from ``source``; subclasses implement :meth:`make`.
 
     source: a face set whose items are ``(image, name, landmarks)``; recipe: JSON-able dict
-    that keys the output folder; kind: folder prefix; on_bad_image: ``error`` or ``skip``
+    that keys the output folder; source_stamps: the source's :meth:`stamps` if the subclass
+    took them for its recipe (else taken here); kind: folder prefix; on_bad_image: ``error`` or ``skip``
     (unreadable source image, :class:`NoFaceError`). After construction it behaves as a
     file-backed face set over the written PNGs in source order; ``source_index[i]`` is the
     source position of item ``i`` and ``skip_list`` holds ``(source file, reason)`` of the
     skipped.
     """
 
-    def __init__(self, source, recipe: dict, out_root: str | Path, kind: str, on_bad_image: str):
+    def __init__(
+        self,
+        source,
+        recipe: dict,
+        out_root: str | Path,
+        kind: str,
+        on_bad_image: str,
+        source_stamps: list[str] | None = None,
+    ):
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(out_root) / f"{kind}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -58,7 +67,7 @@ class MaterialisedFaces(_FileFaces):
         self._source_names = list(source.label_names())
         super().__init__(folder, on_bad_image, landmarks=str(folder / "landmarks68.tsv"))
         self.source_index: list[int] = []
-        self._materialise()
+        self._materialise(source_stamps)
 
     def make(
         self, index: int, image: np.ndarray, lmk: np.ndarray, rel: str
@@ -85,12 +94,6 @@ class MaterialisedFaces(_FileFaces):
         files = getattr(self.source, "files", None)
         return str(files[index]) if files is not None else f"#{index} ({self._source_names[index]})"
 
-    def _source_stamps(self) -> list[str | None]:
-        """Size and modification time of each source file (None for generated sources)."""
-        if hasattr(self.source, "stamps"):
-            return self.source.stamps()
-        return [None] * len(self.source)
-
     def _one(self, index: int, rel: str) -> dict:
         item = self.source[index]
         if item is None:
@@ -106,10 +109,11 @@ class MaterialisedFaces(_FileFaces):
             entry["landmarks"] = landmark_list(new_lmk)
         return entry
 
-    def _materialise(self) -> None:
+    def _materialise(self, stamps: list[str] | None) -> None:
         made = skipped = 0
         rels = [self._relpath(i) for i in range(len(self.source))]
-        stamps = self._source_stamps()
+        if stamps is None:  # size and time of each source file (None for generated sources)
+            stamps = self.source.stamps() if hasattr(self.source, "stamps") else [None] * len(rels)
         with Manifest(self.root) as manifest:
             for index, (rel, stamp) in enumerate(zip(rels, stamps, strict=True)):
                 if rel in manifest.done and manifest.done[rel].get("stamp") == stamp:

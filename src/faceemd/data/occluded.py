@@ -53,8 +53,10 @@ class OccludedFaces(MaterialisedFaces):
         self.seed = seed
         self.landmark_model = landmark_model
         self._landmarker = None
-        recipe = {"source": source.fingerprint(), "occlusion": occlusion, "seed": seed, "v": 1}
-        super().__init__(source, recipe, out_root, occlusion, on_bad_image)
+        stamps = source.stamps() if hasattr(source, "stamps") else None  # one pass for both
+        found = source.fingerprint() if stamps is None else source.fingerprint(stamps=stamps)
+        recipe = {"source": found, "occlusion": occlusion, "seed": seed, "v": 1}
+        super().__init__(source, recipe, out_root, occlusion, on_bad_image, stamps)
 
     def _landmarks_for(self, image: np.ndarray, lmk: np.ndarray, rel: str) -> np.ndarray:
         if lmk is not None and np.isfinite(lmk).all():
