@@ -56,7 +56,7 @@ def main() -> None:
         runs = {"sweep": []}
         if args.without_sharing:
             runs["sweep, one stage-2 pass per weighting"] = ["cache.sweep_weightings=false"]
-        lines = [f"single job: {single:.0f} s"]
+        lines = [f"single job: {single:.1f} s"]
         for name, extra in runs.items():
             folder = Path(tmp) / name.split(",")[0] / str(len(extra))
             wall = run(["-m", *base, *grid, *extra], folder)
@@ -66,9 +66,9 @@ def main() -> None:
             shared = sum(m.get("eval/prefetched_weightings", 0) for m in metrics)
             stage2 = sum(m["eval/stage2_seconds"] for m in metrics)
             lines.append(
-                f"{name}: {len(jobs)} jobs, {wall:.0f} s ({cached} jobs read cached EMD scores, "
+                f"{name}: {len(jobs)} jobs, {wall:.1f} s ({cached} jobs read cached EMD scores, "
                 f"{shared} weightings scored alongside another, stage 2 {stage2:.0f} s in all); "
-                f"/ single = {wall / single:.2f}"
+                f"/ single = {wall / single:.3f}"
             )
     print("\n".join(lines))
 
