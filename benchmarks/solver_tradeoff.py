@@ -24,17 +24,25 @@ import torch
 from rerank_throughput import make_features, real_features
 
 from faceemd.emd import RerankConfig, prepare_gallery, stage1_topk, stage2_scores
+from faceemd.emd.sinkhorn import eps_schedule
 from faceemd.emd.stage2 import blend_stage2
 
-# eps-scaling halves eps from the power-of-two multiple of eps nearest eps_start
-# (faceemd.emd.sinkhorn.eps_schedule): the labels name the stages that run.
 SETTINGS = [
-    ("sinkhorn eps 0.05", {"eps": 0.05, "eps_start": None}),
-    ("eps-scaling 0.04 -> 0.02", {"eps": 0.02, "eps_start": 0.04}),
-    ("eps-scaling 0.04 -> 0.01", {"eps": 0.01, "eps_start": 0.04}),
-    ("eps-scaling 0.04 -> 0.005", {"eps": 0.005, "eps_start": 0.04}),
-    ("eps-scaling 0.032 -> 0.002", {"eps": 0.002, "eps_start": 0.04}),
+    {"eps": 0.05, "eps_start": None},
+    {"eps": 0.02, "eps_start": 0.04},
+    {"eps": 0.01, "eps_start": 0.04},
+    {"eps": 0.005, "eps_start": 0.04},
+    {"eps": 0.002, "eps_start": 0.04},
 ]
+
+
+def label(cfg: RerankConfig) -> str:
+    """The stages that run (eps-scaling halves eps from the power-of-two multiple of eps
+    nearest eps_start, :func:`eps_schedule`), e.g. ``eps-scaling 0.032 -> 0.002``."""
+    stages = eps_schedule(cfg.sinkhorn_settings())
+    if len(stages) == 1:
+        return f"sinkhorn eps {stages[0]:g}"
+    return f"eps-scaling {stages[0]:g} -> {stages[-1]:g}"
 
 
 def speed(query, gallery, cand, cfg, repeats: int = 2) -> tuple[float, dict]:
@@ -81,7 +89,7 @@ def main() -> None:
         "| 8x8 synthetic q/s |"
     )
     print("|---|---:|---:|---:|---:|---:|")
-    for name, extra in SETTINGS:
+    for extra in SETTINGS:
         cfg = RerankConfig(alpha=0.7, **extra)
         qps, stats = speed(query, gallery, i1, cfg)
         emd = stage2_scores(query, gallery, i1, cfg)
@@ -90,18 +98,19 @@ def main() -> None:
         diff = (emd[:ne] - exact).abs()
         synth_qps, _ = speed(synth_q, synth_g, synth_i, cfg)
         print(
-            f"| {name} | {100 * p1:.2f} | {float(diff.mean()):.1e} / {float(diff.max()):.1e} | "
+            f"| {label(cfg)} | {100 * p1:.2f} | {float(diff.mean()):.1e} / {float(diff.max()):.1e} | "
             f"{stats['mean_iterations']:.1f} | {qps:.1f} | {synth_qps:.1f} |",
             flush=True,
         )
     _, i2 = blend_stage2(s1[:ne], i1[:ne], exact, 0.7)
     p1_exact = float((gallery.labels[i2[:, 0]] == query.labels[:ne]).float().mean())
     line = f"exact LP on the first {ne} queries: stage-2 P@1 {100 * p1_exact:.2f}; on the same"
-    for name, extra in SETTINGS[:2]:
-        emd = stage2_scores(sub, gallery, i1[:ne], RerankConfig(alpha=0.7, **extra))
+    for extra in SETTINGS[:2]:
+        cfg = RerankConfig(alpha=0.7, **extra)
+        emd = stage2_scores(sub, gallery, i1[:ne], cfg)
         _, i2 = blend_stage2(s1[:ne], i1[:ne], emd, 0.7)
         p1 = float((gallery.labels[i2[:, 0]] == query.labels[:ne]).float().mean())
-        line += f" | {name}: {100 * p1:.2f}"
+        line += f" | {label(cfg)}: {100 * p1:.2f}"
     print(line)
 
 

@@ -23,9 +23,15 @@ import numpy as np
 from faceemd.data.folders import BadImageError, NoFaceError, _FileFaces
 from faceemd.data.manifest import Manifest, landmark_list, write_image
 
-__all__ = ["MaterialisedFaces"]
+__all__ = ["MaterialisedFaces", "source_stamps"]
 
 log = logging.getLogger(__name__)
+
+
+def source_stamps(source) -> list[str] | None:
+    """``size:mtime_ns`` of each of ``source``'s files (:meth:`_FileFaces.stamps`), or None for
+    a generated source: what a made set's manifest checks each entry against."""
+    return source.stamps() if isinstance(source, _FileFaces) else None
 
 
 @functools.lru_cache(maxsize=1 << 20)
@@ -112,8 +118,8 @@ class MaterialisedFaces(_FileFaces):
     def _materialise(self, stamps: list[str] | None) -> None:
         made = skipped = 0
         rels = [self._relpath(i) for i in range(len(self.source))]
-        if stamps is None:  # size and time of each source file (None for generated sources)
-            stamps = self.source.stamps() if hasattr(self.source, "stamps") else [None] * len(rels)
+        if stamps is None:
+            stamps = source_stamps(self.source) or [None] * len(rels)
         with Manifest(self.root) as manifest:
             for index, (rel, stamp) in enumerate(zip(rels, stamps, strict=True)):
                 if rel in manifest.done and manifest.done[rel].get("stamp") == stamp:

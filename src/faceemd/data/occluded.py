@@ -22,7 +22,7 @@ import numpy as np
 
 from faceemd.data.folders import NoFaceError
 from faceemd.data.landmarks import OnnxLandmarker, plausible_landmarks
-from faceemd.data.materialised import MaterialisedFaces
+from faceemd.data.materialised import MaterialisedFaces, source_stamps
 from faceemd.data.occlusion import OCCLUSIONS, apply_occlusion
 
 __all__ = ["OccludedFaces"]
@@ -53,7 +53,7 @@ class OccludedFaces(MaterialisedFaces):
         self.seed = seed
         self.landmark_model = landmark_model
         self._landmarker = None
-        stamps = source.stamps() if hasattr(source, "stamps") else None  # one pass for both
+        stamps = source_stamps(source)  # one pass for the recipe and the manifest check
         found = source.fingerprint() if stamps is None else source.fingerprint(stamps=stamps)
         recipe = {"source": found, "occlusion": occlusion, "seed": seed, "v": 1}
         super().__init__(source, recipe, out_root, occlusion, on_bad_image, stamps)
