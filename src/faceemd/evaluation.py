@@ -176,6 +176,13 @@ def print_results(results: dict[str, float], title: str) -> None:
         f"{results['eval/extract_seconds']:.1f}, stage 1 {results['eval/stage1_seconds']:.2f}, "
         f"stage 2 {results['eval/stage2_seconds']:.2f}"
     )
+    if "query/attack_linf_max" in results:
+        console.print(
+            f"adversarial queries: L-inf max {results['query/attack_linf_max']:.0f} / "
+            f"{results['query/attack_eps_levels']:.0f} levels, L2 mean "
+            f"{results['query/attack_l2_mean']:.1f} levels, surrogate cosine to the clean face "
+            f"{results['query/attack_surrogate_cos_mean']:.3f}"
+        )
 
 
 def print_verification(results: dict[str, float], title: str) -> None:
@@ -361,6 +368,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             return {}
         results.update(counters)
         sets = {"query": datamodule.query, "gallery": datamodule.gallery}
+        for role, faces in sets.items():  # adversarial sets: the perturbations' actual norms
+            if hasattr(faces, "attack_summary"):
+                results.update({f"{role}/attack_{k}": v for k, v in faces.attack_summary().items()})
         results["eval/unusable_images"] = sum(
             len(getattr(faces, "skip_list", [])) for faces in sets.values()
         )

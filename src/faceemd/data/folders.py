@@ -279,8 +279,10 @@ class ImageFolderFaces(_FileFaces):
     """LFW layout ``root/<Name>/<Name>_NNNN.jpg``; the label is the folder name.
 
     min_images_per_identity: drop identities with fewer images (LFW protocol: 2);
-    max_identities: keep only the first N identities (by folder name) after that, e.g. a quick
-    validation subset. An identity folder with no image is reported, not silently used.
+    max_images_per_identity: keep only each identity's first N images (by file name) after
+    that, e.g. the adversarial LFW queries (3: 4,112 of the 8,790 aligned faces);
+    max_identities: keep only the first N identities (by folder name), e.g. a quick validation
+    subset. An identity folder with no image is reported, not silently used.
     """
 
     def __init__(
@@ -291,6 +293,7 @@ class ImageFolderFaces(_FileFaces):
         landmarks: str | None = None,
         max_pixels: int = MAX_PIXELS,
         max_identities: int | None = None,
+        max_images_per_identity: int | None = None,
     ) -> None:
         super().__init__(root, on_bad_image, landmarks, max_pixels)
         empty = []
@@ -302,6 +305,18 @@ class ImageFolderFaces(_FileFaces):
             self.files += [f"{folder}/{name}" for name in images]
             self.labels += [folder] * len(images)
         self._keep_identities(min_images_per_identity)
+        if max_images_per_identity is not None:
+            if int(max_images_per_identity) < 1:
+                raise ValueError(
+                    f"max_images_per_identity must be >= 1, got {max_images_per_identity}"
+                )
+            seen: Counter = Counter()
+            pairs = []
+            for f, lb in zip(self.files, self.labels, strict=True):
+                seen[lb] += 1
+                if seen[lb] <= int(max_images_per_identity):
+                    pairs.append((f, lb))
+            self.files, self.labels = [f for f, _ in pairs], [lb for _, lb in pairs]
         if max_identities is not None:
             kept = set(sorted(set(self.labels))[:max_identities])
             pairs = [(f, lb) for f, lb in zip(self.files, self.labels, strict=True) if lb in kept]

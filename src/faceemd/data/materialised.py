@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from faceemd.data.folders import BadImageError, NoFaceError, _FileFaces
 from faceemd.data.manifest import Manifest, landmark_list, write_image
@@ -75,12 +76,28 @@ class MaterialisedFaces(_FileFaces):
         self.source_index: list[int] = []
         self._materialise(source_stamps)
 
+    # Source items handed to one make_batch call (a model-driven recipe batches its forward
+    # passes; image-by-image recipes keep 1).
+    batch_size = 1
+
     def make(
         self, index: int, image: np.ndarray, lmk: np.ndarray, rel: str
     ) -> tuple[np.ndarray, np.ndarray | None, dict]:
         """``(new image, its landmarks (68, 2) or None, extra manifest fields)`` for source item
         ``index``; raises :class:`NoFaceError` when the image has no usable face."""
         raise NotImplementedError
+
+    def make_batch(self, items: list[tuple[int, np.ndarray, np.ndarray, str]]) -> list:
+        """:meth:`make` of each ``(index, image, landmarks, rel)``: its result, or the
+        :class:`NoFaceError` or :class:`BadImageError` it raised (that image is skipped or the error raised, as
+        ``on_bad_image`` says)."""
+        out = []
+        for item in items:
+            try:
+                out.append(self.make(*item))
+            except (BadImageError, NoFaceError) as err:
+                out.append(err)
+        return out
 
     def finished(self) -> None:
         """Called once every image is made or reused (release detectors, models)."""
@@ -100,12 +117,9 @@ class MaterialisedFaces(_FileFaces):
         files = getattr(self.source, "files", None)
         return str(files[index]) if files is not None else f"#{index} ({self._source_names[index]})"
 
-    def _one(self, index: int, rel: str) -> dict:
-        item = self.source[index]
-        if item is None:
-            raise BadImageError(f"source image {self.source_name(index)} is unreadable")
-        image, _, lmk = item
-        out, new_lmk, extra = self.make(index, image, lmk, rel)
+    def _write(self, rel: str, made: tuple[np.ndarray, np.ndarray | None, dict]) -> dict:
+        """Write one made image under this set's folder; its manifest entry."""
+        out, new_lmk, extra = made
         target = (self.root / rel).resolve()
         if not target.is_relative_to(self.root.resolve()):  # e.g. a symlinked folder inside
             raise ValueError(f"refusing to write {target}: outside {self.root}")
@@ -115,29 +129,58 @@ class MaterialisedFaces(_FileFaces):
             entry["landmarks"] = landmark_list(new_lmk)
         return entry
 
+    def _skipped(self, index: int, rel: str, err: Exception) -> dict:
+        if self.on_bad_image != "skip":
+            raise err
+        return {
+            "rel": rel,
+            "status": "skipped",
+            "source": self.source_name(index),
+            "reason": str(err),
+        }
+
     def _materialise(self, stamps: list[str] | None) -> None:
         made = skipped = 0
         rels = [self._relpath(i) for i in range(len(self.source))]
         if stamps is None:
             stamps = source_stamps(self.source) or [None] * len(rels)
         with Manifest(self.root) as manifest:
-            for index, (rel, stamp) in enumerate(zip(rels, stamps, strict=True)):
-                if rel in manifest.done and manifest.done[rel].get("stamp") == stamp:
-                    continue
-                try:
-                    entry = self._one(index, rel)
-                    made += 1
-                except (BadImageError, NoFaceError) as err:
-                    if self.on_bad_image != "skip":
-                        raise
-                    entry = {
-                        "rel": rel,
-                        "status": "skipped",
-                        "source": self.source_name(index),
-                        "reason": str(err),
-                    }
-                    skipped += 1
-                manifest.record({**entry, "stamp": stamp})
+            todo = [
+                i
+                for i, (rel, stamp) in enumerate(zip(rels, stamps, strict=True))
+                if not (rel in manifest.done and manifest.done[rel].get("stamp") == stamp)
+            ]
+            bar = tqdm(
+                total=len(todo), desc=f"making {self.root.name.split('-')[0]} images",
+                unit="img", disable=not todo, leave=False,
+            )  # fmt: skip
+            for start in range(0, len(todo), max(1, int(self.batch_size))):
+                chunk, entries = todo[start : start + max(1, int(self.batch_size))], {}
+                items = []
+                for index in chunk:
+                    try:
+                        item = self.source[index]
+                        if item is None:
+                            raise BadImageError(
+                                f"source image {self.source_name(index)} is unreadable"
+                            )
+                    except BadImageError as err:
+                        entries[index] = self._skipped(index, rels[index], err)
+                        continue
+                    items.append((index, item[0], item[2], rels[index]))
+                results = self.make_batch(items) if items else []
+                for (index, *_), result in zip(items, results, strict=True):
+                    if isinstance(result, Exception):
+                        entries[index] = self._skipped(index, rels[index], result)
+                    else:
+                        entries[index] = self._write(rels[index], result)
+                for index in chunk:  # in source order
+                    entry = entries[index]
+                    made += entry["status"] == "ok"
+                    skipped += entry["status"] != "ok"
+                    manifest.record({**entry, "stamp": stamps[index]})
+                bar.update(len(chunk))
+            bar.close()
             done = manifest.done
         self.finished()
         self.manifest_path = manifest.path
