@@ -11,15 +11,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from faceemd.evaluation import optimized_metric, run_evaluation  # noqa: E402
+from faceemd.evaluation import evaluate_job  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    results = run_evaluation(cfg)
-    metric = optimized_metric(cfg, results)
-    # processes other than rank 0 of a distributed run return no metrics
-    return float(results[metric]) if metric in results else None
+    return evaluate_job(cfg)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from faceemd.training import run_training  # noqa: E402
+from faceemd.training import train_job  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_training(cfg)
-    metric = cfg.get("optimized_metric")
-    return None if metric is None or metric not in metrics else float(metrics[metric])
+    return train_job(cfg)
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ class FeatureCache:
             "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
         }
         path = self._write(key, tensors, meta)
-        log.info("feature cache: wrote %s (%d images)", path, len(feats))
+        log.debug("feature cache: wrote %s (%d images)", path, len(feats))
         return path
 
     def load(self, key: str) -> ExtractedFeatures | None:
@@ -280,7 +280,7 @@ class FeatureCache:
             log.warning("feature cache: entry %s is inconsistent (%s); removing it", key, err)
             self.path(key).unlink(missing_ok=True)
             return None
-        log.info("feature cache: hit %s (%d images)", self.path(key), len(feats))
+        log.debug("feature cache: hit %s (%d images)", self.path(key), len(feats))
         return feats
 
     def save_merged(
@@ -344,7 +344,7 @@ class FeatureCache:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        log.info("feature cache: merged %d parts into %s", len(parts), path)
+        log.debug("feature cache: merged %d parts into %s", len(parts), path)
         return path
 
     def save_scores(self, key: str, candidates: torch.Tensor, emd: torch.Tensor) -> Path:
@@ -357,7 +357,7 @@ class FeatureCache:
         entry = self._read(key, ("candidates", "emd"))
         if entry is None or not torch.equal(entry[0]["candidates"], candidates.long()):
             return None
-        log.info("score cache: hit %s", self.path(key))
+        log.debug("score cache: hit %s", self.path(key))
         return entry[0]["emd"]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -28,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from faceemd.atomic import write_json
 from faceemd.cache import FeatureCache, cache_key
+from faceemd.console import quiet_console
 from faceemd.data.datamodule import VerificationDataModule
 from faceemd.emd import FeatureBank, RerankConfig, prepare_gallery, stage2_scores_for
 from faceemd.extraction import load_or_extract
@@ -43,13 +44,13 @@ from faceemd.visualize import save_figures
 __all__ = [
     "ScoreCache",
     "check_job_settings",
+    "evaluate_job",
     "log_figures",
     "optimized_metric",
     "print_results",
     "render_figures",
     "run_evaluation",
     "skipped_images",
-    "write_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -311,18 +312,6 @@ def skipped_images(feats: dict[str, ExtractedFeatures], sets: dict) -> dict[str,
     return out
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` atomically: a killed job or a full disk leaves the old file or none,
-    never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     """Run one evaluation job; returns the metrics dict (also written to metrics.json).
 
@@ -330,7 +319,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     score cache, figures) is optional and only warns when it fails. On processes other than
     rank 0 of a distributed run it returns an empty dict after the sharded extraction.
     """
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_console()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     rerank = rerank_config(cfg.rerank)
     backbone = build_backbone(cfg.backbone)
     datamodule = instantiate(cfg.data, face_input=build_face_input(cfg.backbone))
@@ -408,6 +398,15 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         finish_loggers()
     print_results(results, f"{cfg.task_name}: {cfg.data_name} / {cfg.backbone.name}")
     return results
+
+
+def evaluate_job(cfg: DictConfig) -> float | None:
+    """What ``evaluate.py`` and ``faceemd evaluate`` run: the job, returning the configured
+    ``optimized_metric`` to Hydra sweepers (None on processes other than rank 0 of a
+    distributed run, which return no metrics)."""
+    results = run_evaluation(cfg)
+    metric = optimized_metric(cfg, results)
+    return float(results[metric]) if metric in results else None
 
 
 def optimized_metric(cfg: DictConfig, results: dict[str, float]) -> str:

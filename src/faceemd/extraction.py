@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 
 from faceemd.cache import FeatureCache, cache_key, state_dict_digest
 from faceemd.callbacks import FeatureCollector
+from faceemd.console import LabelledProgressBar
 from faceemd.emd import nonfinite_rows
 from faceemd.features import ExtractedFeatures
 from faceemd.instantiators import build_callbacks
@@ -163,6 +164,10 @@ def load_or_extract(
     if missing:
         collector = FeatureCollector()
         callbacks = [collector, *build_callbacks(cfg.get("callbacks"))]
+        bar = None
+        if cfg.trainer.get("enable_progress_bar", True):
+            bar = LabelledProgressBar()
+            callbacks.append(bar)
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
         prep = cfg.get("extraction") or {}
         net = prepare_for_inference(
@@ -175,6 +180,8 @@ def load_or_extract(
         extractor = FaceFeatureExtractor(net, flip=cfg.backbone.flip_test)
         for u in missing:
             loader = datamodule.loader(Subset(sets[u.name], range(u.start, u.stop)))
+            if bar is not None:
+                bar.label = f"extracting {u.name} faces"
             trainer.test(extractor, dataloaders=[loader], verbose=False)
             is_zero = trainer.is_global_zero
             seconds += collector.extract_seconds

@@ -23,11 +23,18 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
+from faceemd.console import quiet_console
 from faceemd.instantiators import build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_face_input
 from faceemd.models.recognizer import FaceRecognizer
 
-__all__ = ["SaveOnInterrupt", "check_resume_checkpoint", "export_backbone", "run_training"]
+__all__ = [
+    "SaveOnInterrupt",
+    "check_resume_checkpoint",
+    "export_backbone",
+    "run_training",
+    "train_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +87,18 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
     return out
 
 
+def train_job(cfg: DictConfig) -> float | None:
+    """What ``train.py`` and ``faceemd train`` run: the fit, returning ``optimized_metric``
+    (when set and logged) to Hydra sweepers."""
+    metrics = run_training(cfg)
+    metric = cfg.get("optimized_metric")
+    return None if metric is None or metric not in metrics else float(metrics[metric])
+
+
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Fit, export, return the last logged metrics (floats)."""
-    L.seed_everything(cfg.seed, workers=True)
+    quiet_console()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone))
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     model = FaceRecognizer(

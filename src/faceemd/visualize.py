@@ -22,7 +22,14 @@ import torch
 
 from faceemd.emd import FeatureBank, Ranking, RerankConfig, pairwise_emd
 
-__all__ = ["cell_bounds", "flow_picture", "query_figure", "save_figures", "weight_heatmap"]
+__all__ = [
+    "cell_bounds",
+    "flow_picture",
+    "match_flow",
+    "query_figure",
+    "save_figures",
+    "weight_heatmap",
+]
 
 _BORDER = 3
 _GREEN, _RED, _GREY = (40, 200, 40), (220, 40, 40), (128, 128, 128)
@@ -78,6 +85,24 @@ def _tile(image: np.ndarray, colour, label: str = "") -> np.ndarray:
     return tile
 
 
+def match_flow(
+    q: int, g: int, query: FeatureBank, gallery: FeatureBank, cfg: RerankConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact EMD flow ``(R, R)`` between query ``q`` and gallery item ``g`` under ``cfg``'s
+    weighting, with the two weight vectors ``u (R,)`` and ``v (R,)``."""
+    result, u, v = pairwise_emd(
+        query.patches[q : q + 1].float(),
+        gallery.patches[torch.tensor([[g]])].float(),
+        replace(cfg, solver="exact"),
+        query.embeddings[q : q + 1],
+        gallery.embeddings[torch.tensor([[g]])],
+        None if query.lmk is None else query.lmk[q : q + 1],
+        None if gallery.lmk is None else gallery.lmk[torch.tensor([[g]])],
+        return_flow=True,
+    )
+    return result.flow[0, 0].numpy(), u[0, 0].numpy(), v[0, 0].numpy()
+
+
 def query_figure(
     q: int,
     query: FeatureBank,
@@ -103,19 +128,7 @@ def query_figure(
             tiles.append(_tile(gallery_image(g), _GREEN if ok else _RED, f"{rank + 1}"))
         rows.append(np.hstack(tiles))
     best = int(ranking.stage2_index[q, 0])
-    emd = replace(cfg, solver="exact")
-    result, u, v = pairwise_emd(
-        query.patches[q : q + 1].float(),
-        gallery.patches[torch.tensor([[best]])].float(),
-        emd,
-        query.embeddings[q : q + 1],
-        gallery.embeddings[torch.tensor([[best]])],
-        None if query.lmk is None else query.lmk[q : q + 1],
-        None if gallery.lmk is None else gallery.lmk[torch.tensor([[best]])],
-        return_flow=True,
-    )
-    flow = result.flow[0, 0].numpy()
-    u0, v0 = u[0, 0].numpy(), v[0, 0].numpy()
+    flow, u0, v0 = match_flow(q, best, query, gallery, cfg)
     g_img = gallery_image(best)
     third = [
         _tile(flow_picture(query_image, g_img, flow, u0, grid), _GREY, "flow"),

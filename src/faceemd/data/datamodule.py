@@ -52,7 +52,9 @@ class PreparedFaces(Dataset):
             "image": x,
             "label": self.vocab[name],
             "index": index,
-            "landmarks": torch.from_numpy(np.ascontiguousarray(lmk, np.float32)),
+            "landmarks": torch.from_numpy(
+                np.array(lmk, np.float32)
+            ),  # a copy: sets keep theirs read-only
         }
 
     def transform(self, image: np.ndarray, lmk: np.ndarray, index: int):

@@ -19,8 +19,8 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
+from faceemd.console import stage_progress
 from faceemd.data.folders import BadImageError, NoFaceError, _FileFaces
 from faceemd.data.manifest import Manifest, landmark_list, write_image
 
@@ -150,10 +150,7 @@ class MaterialisedFaces(_FileFaces):
                 for i, (rel, stamp) in enumerate(zip(rels, stamps, strict=True))
                 if not (rel in manifest.done and manifest.done[rel].get("stamp") == stamp)
             ]
-            bar = tqdm(
-                total=len(todo), desc=f"making {self.root.name.split('-')[0]} images",
-                unit="img", disable=not todo, leave=False,
-            )  # fmt: skip
+            bar = stage_progress(len(todo), f"making {self.root.name.split('-')[0]} images", "img")
             for start in range(0, len(todo), max(1, int(self.batch_size))):
                 chunk, entries = todo[start : start + max(1, int(self.batch_size))], {}
                 items = []

@@ -10,12 +10,15 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from faceemd.emd.bank import FeatureBank, patch_summaries
 from faceemd.emd.cost import quantize_patches
 from faceemd.emd.problems import emd_problems, solve_problems
 from faceemd.emd.settings import MethodSettings, RerankConfig
 from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
+
+_BAR_PROBLEMS = 100_000  # (query, candidate) problems from which stage 2 shows a progress bar
 
 __all__ = [
     "blend_scores",
@@ -64,7 +67,8 @@ def stage2_scores_for(
     """:func:`stage2_scores` under each of ``weightings`` (``cfg.weighting`` is ignored):
     ``{weighting: (Q, k)}``. The candidates are gathered and their patch cosines computed once
     per query batch for all of them (:func:`faceemd.emd.problems.emd_problems`); only the
-    solves are per weighting. ``stats`` describe the first weighting's solves."""
+    solves are per weighting. ``stats`` describe the first weighting's solves. From
+    ``_BAR_PROBLEMS`` problems on, a ``stage 2`` progress bar counts the queries."""
     if candidates.dim() != 2 or candidates.shape[0] != len(query):
         raise ValueError(
             f"candidates must be (Q, k) with Q = {len(query)} queries, got {tuple(candidates.shape)}"
@@ -83,6 +87,8 @@ def stage2_scores_for(
     iterations = torch.zeros(q, k, dtype=torch.long)
     unconverged = dict.fromkeys(weightings, 0)
     q0 = 0
+    # a bar for the long runs only (a real protocol's thousands of queries), not for tests
+    bar = tqdm(total=q, desc="stage 2", unit="query", leave=False, disable=q * k < _BAR_PROBLEMS)
     while q0 < q and k:
         q1 = min(q0 + batch, q)
         cand = candidates[q0:q1]
@@ -123,7 +129,9 @@ def stage2_scores_for(
             if cfg.solver == "sinkhorn":
                 unconverged[w] += int((result.marginal_error > cfg.tol).sum())
         iterations[q0:q1] = results[weightings[0]].iterations.cpu()
+        bar.update(q1 - q0)
         q0 = q1
+    bar.close()
     for w, count in unconverged.items():
         if count:
             which = f" ({w} weights)" if len(out) > 1 else ""
