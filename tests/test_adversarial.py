@@ -170,3 +170,29 @@ def test_onnx_surrogate_gets_a_clear_error(compose_evaluate, tmp_path):
     source = SyntheticFaces(num_identities=2, images_per_identity=2)
     with pytest.raises(ValueError, match="cannot be differentiated.*mobilefacenet"):
         AdversarialFaces(source, surrogate, tmp_path)
+
+
+def test_own_originals_map_each_query_to_its_clean_file(tmp_path):
+    """exclude_own_original: the gallery position of each adversarial query's source file."""
+    import cv2
+
+    from faceemd.data.datamodule import IdentificationDataModule
+    from faceemd.data.folders import ImageFolderFaces
+
+    faces = SyntheticFaces(num_identities=3, images_per_identity=4)
+    for i in range(len(faces)):
+        image, name, _ = faces[i]
+        (tmp_path / "lfw" / name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "lfw" / name / f"{name}_{i:04d}.png"), image)
+    source = ImageFolderFaces(tmp_path / "lfw", max_images_per_identity=2)
+    gallery = ImageFolderFaces(tmp_path / "lfw")
+    assert len(source) == 6 and len(gallery) == 12
+    query = _set(tmp_path, source)
+    spec = FaceInput((64, 64), 1, 127.5, 127.5)
+    kept = IdentificationDataModule(query, gallery, spec).own_originals()
+    assert kept is None  # the paper's protocol: originals stay in the gallery
+    dm = IdentificationDataModule(query, gallery, spec, exclude_own_original=True)
+    rows = dm.own_originals()
+    assert [gallery.files[r] for r in rows] == [source.files[s] for s in query.source_index]
+    with pytest.raises(ValueError, match="made image by image from the gallery"):
+        IdentificationDataModule(gallery, gallery, spec, exclude_own_original=True).own_originals()

@@ -59,6 +59,18 @@ def test_single_run_writes_metrics_and_logs(tmp_path):
     # 3 rows x (query + top 5) tiles of the 112x112 SFace input with 3 px borders
     assert cv2.imread(str(figures[0])).shape == (3 * 118, 6 * 118, 3)
     assert list(run_dir.glob("wandb/offline-run-*/files/media/images/visualize_*.png"))
+    # a quiet console: none of the libraries' noise, the results and where they went
+    console = out.stdout + out.stderr
+    for noise in ("Seed set to", "GPU available", "TPU available", "Tip:", "LeafSpec",
+                  "anonymous setting", "not writable", "safetensors"):  # fmt: skip
+        assert noise not in console, noise
+    assert "metrics written to" in console
+
+
+def test_verbose_brings_the_detail_back(tmp_path):
+    out = _run(["logger=none", "hydra.verbose=true"], tmp_path)
+    console = out.stdout + out.stderr
+    assert "GPU available" in console and "feature cache: wrote" in console
 
 
 def test_multirun_over_alpha(tmp_path):

@@ -92,6 +92,40 @@ def test_identify_raw_lfw_photos(tmp_path):
     assert "feature cache: hit" in log
 
 
+def test_identify_synthetic_faces_flat_gallery(tmp_path):
+    """The embedded synthetic faces (no ../shared): a flat Name_NNNN gallery, one query photo
+    per person and a photo with two of them; a threshold above every score makes all unknown."""
+    from faceemd.data.synthetic import SyntheticFaces
+
+    faces = SyntheticFaces(num_identities=6, images_per_identity=3, seed=3)
+    gallery, queries = tmp_path / "people", tmp_path / "queries"
+    gallery.mkdir()
+    queries.mkdir()
+    for i in range(len(faces)):
+        image, name, _ = faces[i]
+        big = cv2.resize(image, (256, 256), interpolation=cv2.INTER_LINEAR)
+        if i % 3 < 2:
+            cv2.imwrite(str(gallery / f"{name}_{i % 3:04d}.png"), big)
+        else:
+            cv2.imwrite(str(queries / f"{name}.png"), big)
+    run = _faceemd("identify", queries, "--gallery", gallery, "logger=none", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads((_run_dir(tmp_path) / "identify.json").read_text())
+    assert out["gallery"]["identities"] == 6 and out["gallery"]["images"] == 12
+    assert len(out["faces"]) == 6
+    correct = sum(Path(f["photo"]).stem == f["answer"] for f in out["faces"])
+    assert correct >= 5, [(f["photo"], f["answer"]) for f in out["faces"]]
+    for name in (f["answer"] for f in out["faces"]):
+        assert name in run.stdout  # the console table names the answer
+    strict = _faceemd(
+        "identify", queries, "--gallery", gallery, "logger=none", "unknown_threshold=2",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert strict.returncode == 0, strict.stderr[-3000:]
+    out = json.loads((_run_dir(tmp_path) / "identify.json").read_text())
+    assert {f["answer"] for f in out["faces"]} == {"unknown"}
+
+
 def test_identify_empty_gallery_and_missing_query(tmp_path):
     (tmp_path / "empty").mkdir()
     run = _faceemd("identify", tmp_path / "x.jpg", "--gallery", tmp_path / "empty", cwd=tmp_path)

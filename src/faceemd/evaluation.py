@@ -298,6 +298,18 @@ METRIC_KEY = re.compile(r"stage[12]/(p_at_1|r_precision|map_at_r)|stage1/max_pre
 VERIFICATION_KEY = re.compile(r"stage[12]/(accuracy|accuracy_std|auc|eer|tar_at_far_[0-9.e-]+)")
 
 
+def own_original_rows(datamodule, feats: dict) -> torch.Tensor | None:
+    """``(Q,)`` gallery feature row of each query feature row's clean original (-1: none), or
+    None when the protocol keeps the originals (``data.exclude_own_original``)."""
+    positions = datamodule.own_originals() if hasattr(datamodule, "own_originals") else None
+    if positions is None:
+        return None
+    row_of = np.full(len(datamodule.gallery), -1, np.int64)
+    row_of[feats["gallery"].index.numpy()] = np.arange(len(feats["gallery"].index))
+    own = positions[feats["query"].index.numpy()]
+    return torch.from_numpy(np.where(own >= 0, row_of[np.maximum(own, 0)], -1))
+
+
 def skipped_images(feats: dict[str, ExtractedFeatures], sets: dict) -> dict[str, list[str]]:
     """Names of the images each set skipped: those that could not be made into the set (no
     face found for an alignment or an overlay: ``"<source image>: <reason>"``) and those
@@ -350,7 +362,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             results, ranking = evaluate_features(
                 query, gallery, rerank, same, scores.lookup, r_counts_query,
                 cache_key(kind="embeddings", features=keys) if all(keys) else None,
+                own_original_rows(datamodule, feats),
             )  # fmt: skip
+            if datamodule.exclude_own_original:
+                results["eval/own_original_excluded"] = 1
             results.update({f"eval/solver_{k}": v for k, v in scores.stats.items()})
             results["eval/prefetched_weightings"] = len(scores.prefetched)
         results["eval/cached_stage2"] = int(scores.hit)

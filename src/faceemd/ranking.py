@@ -21,6 +21,7 @@ def evaluate_features(
     emd_scores=None,
     r_counts_query: bool = False,
     stage1_key: str | None = None,
+    exclude: Tensor | None = None,
 ) -> tuple[dict[str, float], Ranking]:
     """Two-stage ranking plus metrics for extracted features.
 
@@ -29,12 +30,15 @@ def evaluate_features(
     r_counts_query: R-Precision / MAP@R with the public code's R, which counts the query's own
     image on query-equals-gallery protocols (:func:`relevant_counts`); P@1 is unchanged.
     stage1_key: names the embeddings' content; see :func:`two_stage_rank`.
+    exclude: ``(Q,)`` gallery row to leave out of each query's ranking and R (-1: none), e.g.
+    each query's clean original; ``same_images`` implies each query's own row.
     Returns ``(metrics, ranking)``; metric keys ``stage{1,2}/{p_at_1,r_precision,map_at_r}``,
     ``stage1/max_precision_at_k`` and ``eval/*`` counts and seconds. Inside a process group
     (DDP), every process must call it: each ranks a contiguous block of the queries and the
     blocks are gathered, so all processes return the same full result.
     """
-    exclude = torch.arange(len(query)) if same_images else None
+    if same_images:
+        exclude = torch.arange(len(query))
     r = relevant_counts(query.labels, gallery.labels, exclude, count_query=r_counts_query)
     r_depth = int(r.max()) if len(r) else 1
     if exclude is not None:

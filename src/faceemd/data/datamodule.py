@@ -12,6 +12,7 @@ Loaders yield dicts ``image (B, C, h, w)``, ``label (B,)``, ``index (B,)`` (posi
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -78,6 +79,9 @@ class IdentificationDataModule(L.LightningDataModule):
     :data:`faceemd.data.align.TEMPLATES`; None: unknown, images are only resized); with the
     backbone's own template known, images are warped into it (:meth:`FaceInput.in_frame`).
     same_images: true when the gallery is the query set itself (``gallery=None``).
+    exclude_own_original: for query sets made image by image from the gallery's own files
+    (occluded, adversarial: ``source`` and ``source_index``), leave each query's clean
+    original out of its ranking (the paper's protocols keep it in: false).
     """
 
     def __init__(
@@ -88,8 +92,10 @@ class IdentificationDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         frame: str | None = None,
+        exclude_own_original: bool = False,
     ) -> None:
         super().__init__()
+        self.exclude_own_original = bool(exclude_own_original)
         self.query = query
         self.gallery = gallery
         self.face_input = face_input
@@ -119,6 +125,28 @@ class IdentificationDataModule(L.LightningDataModule):
     def labels_of(self, faces) -> torch.Tensor:
         """Integer label of every position of ``faces`` (``(len(faces),)``, after setup)."""
         return torch.tensor([self.vocab[name] for name in faces.label_names()], dtype=torch.long)
+
+    def own_originals(self) -> np.ndarray | None:
+        """``(len(query),)`` gallery position of each query's clean original (-1: none) when
+        ``exclude_own_original`` is set, else None. Raises ``ValueError`` when the query set
+        was not made from the gallery's files."""
+        if not self.exclude_own_original:
+            return None
+        source = getattr(self.query, "source", None)
+        files = getattr(source, "files", None)
+        gallery_files = getattr(self.gallery, "files", None)
+        same_root = (
+            files is not None
+            and gallery_files is not None
+            and Path(source.root).resolve() == Path(self.gallery.root).resolve()
+        )
+        if not same_root:
+            raise ValueError(
+                "exclude_own_original needs a query set made image by image from the gallery's "
+                "own files (an occluded or adversarial set of the gallery's folder)"
+            )
+        where = {rel: i for i, rel in enumerate(gallery_files)}
+        return np.array([where.get(files[s], -1) for s in self.query.source_index], dtype=np.int64)
 
     def loader(self, faces) -> DataLoader:
         """An ordered loader over one face set, prepared for the backbone."""

@@ -76,9 +76,16 @@ class YuNetDetector:
         self.score_threshold = float(score_threshold)
         self.nms_threshold = float(nms_threshold)
         self.max_side = int(max_side)
-        self._net = cv2.FaceDetectorYN.create(
-            str(path), "", (320, 320), self.score_threshold, self.nms_threshold, 50
-        )
+        # OpenCV warns at creation that its new graph engine ignores the (unset) target: not
+        # the user's concern, so its log level is raised for this call only
+        previous = cv2.utils.logging.getLogLevel()
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        try:
+            self._net = cv2.FaceDetectorYN.create(
+                str(path), "", (320, 320), self.score_threshold, self.nms_threshold, 50
+            )
+        finally:
+            cv2.utils.logging.setLogLevel(previous)
 
     def settings(self) -> dict:
         """What changes the detections (keys the aligned sets made with it)."""
