@@ -56,7 +56,7 @@ def test_identify_raw_lfw_photos(tmp_path):
     cv2.imwrite(str(tmp_path / "noface.png"), np.full((200, 200, 3), 127, np.uint8))
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     args = [queries, tmp_path / "two.jpg", tmp_path / "noface.png", tmp_path / "broken.jpg"]
-    run = _faceemd("identify", *args, "--gallery", gallery, "logger=none", cwd=tmp_path)
+    run = _faceemd("identify", *args, "--gallery", gallery, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((_run_dir(tmp_path) / "identify.json").read_text())
     faces = out["faces"]
@@ -85,7 +85,7 @@ def test_identify_raw_lfw_photos(tmp_path):
     for src in parser.sources:
         assert not src.startswith(("http", "/")) and (page.parent / src).is_file(), src
     # a second call on the same gallery detects and extracts nothing for it
-    again = _faceemd("identify", queries, "--gallery", gallery, "logger=none", "-v", cwd=tmp_path)
+    again = _faceemd("identify", queries, "--gallery", gallery, "-v", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "extracting gallery faces" not in log
@@ -108,7 +108,7 @@ def test_identify_synthetic_faces_flat_gallery(tmp_path):
             cv2.imwrite(str(gallery / f"{name}_{i % 3:04d}.png"), big)
         else:
             cv2.imwrite(str(queries / f"{name}.png"), big)
-    run = _faceemd("identify", queries, "--gallery", gallery, "logger=none", cwd=tmp_path)
+    run = _faceemd("identify", queries, "--gallery", gallery, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads((_run_dir(tmp_path) / "identify.json").read_text())
     assert out["gallery"]["identities"] == 6 and out["gallery"]["images"] == 12
@@ -118,7 +118,7 @@ def test_identify_synthetic_faces_flat_gallery(tmp_path):
     for name in (f["answer"] for f in out["faces"]):
         assert name in run.stdout  # the console table names the answer
     strict = _faceemd(
-        "identify", queries, "--gallery", gallery, "logger=none", "unknown_threshold=2",
+        "identify", queries, "--gallery", gallery, "unknown_threshold=2",
         cwd=tmp_path,
     )  # fmt: skip
     assert strict.returncode == 0, strict.stderr[-3000:]

@@ -53,8 +53,11 @@ def flow_picture(
     """Rebuild ``query`` from ``gallery`` cells by the flow ``(R, R)`` (rows: query patches).
 
     Cell ``i`` shows gallery cell ``argmax_j flow[i, j]``, scaled by ``flow[i, j] / u[i]`` (the
-    share of the query patch's mass it receives). Images: same size, uint8.
+    share of the query patch's mass it receives). Images: same size, uint8 (a grey and a colour
+    image are both drawn in colour).
     """
+    if query.ndim != gallery.ndim:
+        query, gallery = _rgb(query), _rgb(gallery)
     out = np.zeros_like(query)
     cells = cell_bounds(query.shape[:2], grid)
     for i, (y0, y1, x0, x1) in enumerate(cells):
