@@ -196,3 +196,27 @@ def test_own_originals_map_each_query_to_its_clean_file(tmp_path):
     assert [gallery.files[r] for r in rows] == [source.files[s] for s in query.source_index]
     with pytest.raises(ValueError, match="made image by image from the gallery"):
         IdentificationDataModule(gallery, gallery, spec, exclude_own_original=True).own_originals()
+
+
+def test_lfw_adv_config_on_a_generated_tree(compose_evaluate, tmp_path):
+    """data=lfw_adv as composed: each person's first 3 faces attacked, the full folder as
+    gallery, the surrogate chosen apart from the evaluated backbone."""
+    import cv2
+    from hydra.utils import instantiate
+
+    from faceemd.models.build import build_face_input
+
+    faces = SyntheticFaces(num_identities=3, images_per_identity=4)
+    for i in range(len(faces)):
+        image, name, _ = faces[i]
+        (tmp_path / "lfw" / name).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "lfw" / name / f"{name}_{i:04d}.png"), image)
+    cfg = compose_evaluate([
+        "data=lfw_adv", "backbone@data.query.surrogate=tiny_cnn", "data.query.attack.steps=1",
+        f"paths.lfw_dir={tmp_path / 'lfw'}", f"paths.adversarial_dir={tmp_path / 'adv'}",
+    ])  # fmt: skip
+    assert cfg.backbone.name == "sface" and cfg.data.query.surrogate.name == "tiny_cnn"
+    dm = instantiate(cfg.data, face_input=build_face_input(cfg.backbone))
+    dm.setup("test")
+    assert len(dm.query) == 9 and len(dm.gallery) == 12
+    assert dm.query.attack_summary()["linf_max"] <= 8

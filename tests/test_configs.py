@@ -213,8 +213,8 @@ def test_protocols_on_generated_trees(compose_evaluate, tmp_path):
     paths = [
         f"paths.{d}_dir={tmp_path / d}" for d in ("lfw", "calfw", "agedb", "cfp", "mlfw", "talfw")
     ]
-    # synthetic, image_list, pairs, raw_folder: tests of their own; cfp_ff, cfp_fp: below
-    others = {"synthetic", "image_list", "pairs", "raw_folder", "cfp_ff", "cfp_fp"}
+    # synthetic, image_list, pairs, raw_folder, lfw_adv: tests of their own; cfp_ff, cfp_fp: below
+    others = {"synthetic", "image_list", "pairs", "raw_folder", "lfw_adv", "cfp_ff", "cfp_fp"}
     assert set(PROTOCOL_SIZES) | others == set(GROUP_OPTIONS["data"])
     for option, (nq, ng) in PROTOCOL_SIZES.items():
         cfg = compose_evaluate([f"data={option}", f"paths.occluded_dir={tmp_path / 'occ'}", *paths])

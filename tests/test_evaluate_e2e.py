@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 TINY = [
@@ -86,6 +88,7 @@ def test_multirun_over_alpha(tmp_path):
     assert alpha0["stage2/map_at_r"] == alpha0["stage1/map_at_r"]
 
 
+@pytest.mark.slow
 def test_twelve_job_sweep_extracts_once_and_reports_twelve_rows(tmp_path):
     _run(
         [

@@ -49,6 +49,7 @@ def _evaluate(args, log_dir, expect=0):
 METRICS = [f"stage{s}/{m}" for s in (1, 2) for m in ("p_at_1", "r_precision", "map_at_r")]
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_equal_one_process(tmp_path):
     """9 queries over 2 ranks: the distributed sampler pads one, ranks rank a block each."""
     single = _evaluate(["cache=off"], tmp_path / "single")
@@ -62,6 +63,7 @@ def test_ddp_two_cpu_processes_equal_one_process(tmp_path):
         assert ddp[key] == pytest.approx(single[key], abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_killed_extraction_resumes_from_cached_parts(tmp_path):
     parts = ["cache.chunk_images=8"]  # query: 1 part of 9 -> 2 parts; gallery 18 -> 3 parts
     killed = ["+callbacks.kill._target_=tests.helpers.KillAtTestRun", "+callbacks.kill.run=3"]
@@ -130,6 +132,7 @@ def test_finishing_a_job_without_wandb_logger_does_not_import_wandb(monkeypatch)
 # --- no result lost, nothing wrong used silently (reliability issue) ---
 
 
+@pytest.mark.slow
 def test_jobs_started_together_get_their_own_run_folders(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1",
            "OMP_NUM_THREADS": "1"}  # fmt: skip

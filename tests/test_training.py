@@ -196,6 +196,7 @@ def test_resume_restores_step_count_and_optimizer_state(compose_train, tmp_path)
     assert final["global_step"] == 2 * steps_per_epoch
 
 
+@pytest.mark.slow
 def test_keyboard_interrupt_leaves_last_checkpoint_and_finished_wandb(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
     out = subprocess.run(
@@ -247,6 +248,7 @@ def _train(args, tmp_path):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_exits_non_zero(tmp_path):
     out = _train(["+callbacks.term._target_=tests.helpers.SigtermAt", "+callbacks.term.batch=2"],
                  tmp_path)  # fmt: skip
@@ -360,6 +362,7 @@ def _synthetic_cfp_and_lfw(root):
     return cfp, lfw
 
 
+@pytest.mark.slow
 def test_real_finetune_pipeline_short_version(tmp_path):
     """experiment=real_finetune_mobilefacenet on generated CFP and LFW trees, one epoch, then
     the exported backbone in evaluate.py; and the refusal when training and validation share a
