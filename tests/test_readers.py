@@ -1,6 +1,8 @@
 """Face-set readers and image decoding: folder, flat, CFP and list layouts, damaged and unusual
 files, the datamodule that prepares them for a backbone."""
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -249,3 +251,16 @@ def test_parsed_files_are_reused_only_while_unchanged(tmp_path):
     with Manifest(tmp_path) as manifest:
         manifest.record({"rel": "y.png", "status": "skipped", "reason": "no face"})
     assert sorted(Manifest(tmp_path).done) == ["x.png", "y.png"]
+
+
+def test_self_referencing_symlink_is_a_bad_image_not_a_stopped_set(tmp_path):
+    """x.jpg -> x.jpg used to stop the whole listing with OSError 40 (file unnamed)."""
+    write_noise_image(tmp_path / "Ann" / "Ann_0001.jpg")
+    write_noise_image(tmp_path / "Ann" / "Ann_0002.jpg", seed=1)
+    os.symlink("Ann_0003.jpg", tmp_path / "Ann" / "Ann_0003.jpg")
+    faces = ImageFolderFaces(tmp_path)
+    assert faces.files == ["Ann/Ann_0001.jpg", "Ann/Ann_0002.jpg", "Ann/Ann_0003.jpg"]
+    with pytest.raises(BadImageError, match=r"Ann_0003\.jpg is a symbolic link that loops"):
+        faces[2]
+    skipping = ImageFolderFaces(tmp_path, on_bad_image="skip")
+    assert skipping[2] is None and skipping[0] is not None

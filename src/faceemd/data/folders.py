@@ -56,12 +56,19 @@ log = logging.getLogger(__name__)
 def _listing(folder: str | Path) -> tuple[list[str], list[str]]:
     """``(image file names, subfolder names)`` of ``folder``, each sorted; ``([], [])`` for a
     folder that does not exist. One ``scandir`` pass (the file type comes with the entry):
-    every job of a sweep lists the 1,621 identity folders of LFW again."""
+    every job of a sweep lists the 1,621 identity folders of LFW again. An entry whose type
+    cannot be read (a symbolic link that loops or points nowhere) counts as a file when its
+    name is an image's: reading it is then a bad image named in the message, which
+    ``on_bad_image=skip`` skips, never an error that stops the whole set."""
     images, folders = [], []
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
-                if entry.is_dir():
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:  # e.g. x.jpg -> x.jpg: "Too many levels of symbolic links"
+                    is_dir = False
+                if is_dir:
                     folders.append(entry.name)
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                     images.append(entry.name)
@@ -95,7 +102,8 @@ def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """
     hint = "fix or remove it, or set data.on_bad_image=skip to skip it"
     if not path.is_file():
-        raise BadImageError(f"image {path} missing; {hint}")
+        what = "a symbolic link that loops or leads nowhere" if path.is_symlink() else "missing"
+        raise BadImageError(f"image {path} is {what}; {hint}")
     try:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
