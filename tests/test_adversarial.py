@@ -220,3 +220,31 @@ def test_lfw_adv_config_on_a_generated_tree(compose_evaluate, tmp_path):
     dm.setup("test")
     assert len(dm.query) == 9 and len(dm.gallery) == 12
     assert dm.query.attack_summary()["linf_max"] <= 8
+
+
+def test_per_channel_mean_and_std_follow_the_channel_order():
+    """input.mean / input.std as one number per channel (model-card style), in the input's
+    channel order (BGR for colour: bgr), for the numpy and the torch transform alike."""
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (8, 6, 3), np.uint8)
+    mean, std = [122.782, 117.001, 104.298], [58.0, 57.0, 56.0]
+    for colour in ("rgb", "bgr"):
+        spec = FaceInput((8, 6), 3, mean, std, colour=colour)
+        got, _ = spec(image, np.zeros((68, 2), np.float32))
+        ordered = image if colour == "rgb" else image[..., ::-1]
+        for c in range(3):
+            expected = (torch.from_numpy(ordered[..., c].copy()).float() - mean[c]) / std[c]
+            torch.testing.assert_close(got[c], expected)
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float()[None]
+        torch.testing.assert_close(DifferentiableInput(spec)(pixels)[0], got)
+    with pytest.raises(ValueError, match="input.mean has 3 values but the input has 1"):
+        FaceInput((8, 6), 1, mean, 1.0)
+    with pytest.raises(ValueError, match="must not be 0"):
+        FaceInput((8, 6), 3, 0.0, [1.0, 0.0, 1.0])
+
+
+def test_per_channel_mean_from_a_backbone_config(compose_evaluate):
+    from faceemd.models.build import build_face_input
+
+    cfg = compose_evaluate(["backbone=sface", "backbone.input.mean=[1,2,3]"])
+    assert build_face_input(cfg.backbone).mean == (1.0, 2.0, 3.0)

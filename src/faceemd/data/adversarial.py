@@ -128,8 +128,10 @@ class AdversarialFaces(MaterialisedFaces):
                 "input": [
                     list(face_input.size),
                     face_input.channels,
-                    face_input.mean,
-                    face_input.std,
+                    list(face_input.mean)
+                    if isinstance(face_input.mean, tuple)
+                    else face_input.mean,
+                    list(face_input.std) if isinstance(face_input.std, tuple) else face_input.std,
                     face_input.colour,
                     face_input.template,
                 ],

@@ -28,8 +28,42 @@ __all__ = ["FaceInput"]
 _COLOURS = ("rgb", "bgr")
 
 
+def _plain(value):
+    """A number, or a list/tuple (an OmegaConf ``ListConfig`` included) as a tuple."""
+    return tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def _per_channel(name: str, value, channels: int) -> float | tuple[float, ...]:
+    """``value`` as a float, or a tuple of ``channels`` floats; anything else a ``ValueError``."""
+    value = _plain(value)
+    if isinstance(value, tuple):
+        if len(value) != channels:
+            raise ValueError(
+                f"input.{name} has {len(value)} values but the input has {channels} channel(s): "
+                f"give one number or {channels}"
+            )
+        return tuple(float(v) for v in value)
+    try:
+        return float(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"input.{name} must be a number or one per channel, got {value!r}"
+        ) from err
+
+
+def _as_tensor(value) -> float | torch.Tensor:
+    """A per-channel tuple as a ``(C, 1, 1)`` tensor for ``(C, h, w)`` images; a float as it is."""
+    return (
+        torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
+        if isinstance(value, tuple)
+        else value
+    )
+
+
 class FaceInput:
-    """size: ``(h, w)``; channels: 1 (grayscale) or 3 (colour, grayscale copied); mean, std;
+    """size: ``(h, w)``; channels: 1 (grayscale) or 3 (colour, grayscale copied); mean, std:
+    one number, or one per channel in the input's channel order (as model cards and timm's
+    ``pretrained_cfg`` state them, e.g. ``[122.782, 117.001, 104.298]``);
     colour: ``rgb`` or ``bgr`` channel order for 3 channels; template: the backbone's alignment
     template (None: unknown); warp: ``(2, 3)`` source-frame -> input-frame matrix, set by
     :meth:`in_frame` (None: resize only).
@@ -41,8 +75,8 @@ class FaceInput:
         self,
         size: Sequence[int],
         channels: int,
-        mean: float,
-        std: float,
+        mean: float | Sequence[float],
+        std: float | Sequence[float],
         colour: str = "rgb",
         template: str | None = None,
         warp: Sequence[Sequence[float]] | None = None,
@@ -52,7 +86,13 @@ class FaceInput:
         if colour not in _COLOURS:
             raise ValueError(f"colour must be one of {_COLOURS}, got {colour!r}")
         self.size = (int(size[0]), int(size[1]))
-        self.channels, self.mean, self.std = channels, float(mean), float(std)
+        self.channels = channels
+        self.mean, self.std = (
+            _per_channel("mean", mean, channels),
+            _per_channel("std", std, channels),
+        )
+        if any(s == 0 for s in (self.std if isinstance(self.std, tuple) else (self.std,))):
+            raise ValueError("input.std must not be 0")
         self.colour, self.template = colour, template
         self.warp = None if warp is None else [list(map(float, row)) for row in warp]
         if template is not None:
@@ -102,7 +142,7 @@ class FaceInput:
             image = image[..., ::-1]
         x = torch.from_numpy(np.ascontiguousarray(image)).float()
         x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        return (x - self.mean) / self.std, lmk
+        return (x - _as_tensor(self.mean)) / _as_tensor(self.std), lmk
 
     @classmethod
     def from_config(cls, spec) -> FaceInput:
@@ -111,8 +151,8 @@ class FaceInput:
         return cls(
             size=tuple(spec.size),
             channels=spec.channels,
-            mean=spec.mean,
-            std=spec.std,
+            mean=_plain(spec.mean),
+            std=_plain(spec.std),
             colour=spec.get("colour", "rgb"),
             template=spec.get("template"),
         )
