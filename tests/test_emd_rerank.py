@@ -226,3 +226,13 @@ def test_stage1_key_reuses_the_last_ranking_only_for_the_same_key_and_settings(m
     two_stage_rank(q, g, cfg, depth=7, stage1_key="b")
     two_stage_rank(q, q, cfg, exclude=torch.arange(5), depth=3, stage1_key="b")
     assert calls == [6, 6, 7, 7, 3]
+
+
+def test_a_grid_of_few_patches_is_warned_about():
+    from faceemd.emd import FeatureBank, RerankConfig, two_stage_rank
+
+    g = torch.Generator().manual_seed(0)
+    bank = FeatureBank(torch.randn(6, 8, generator=g), torch.rand(6, 4, 5, generator=g),
+                       torch.arange(6) // 2)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="only 4 patches per face"):
+        two_stage_rank(bank, bank, RerankConfig(top_k=3, weighting="uniform"))

@@ -7,6 +7,8 @@ output's largest magnitude (folding batch norm and changing layout reorder float
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -156,3 +158,38 @@ def test_weight_dequantization_folds_to_what_onnxruntime_computes(layout):
     # and by hand for the per-tensor case: (q - zero) * scale
     if layout == "tensor":
         np.testing.assert_array_equal(w_ref, (q.astype(np.float32) - float(zero)) * scale)
+
+
+class _UsersNet(torch.nn.Module):
+    """Written the way a user's port of a face model is: functional ops and padding in
+    forward, no batch norm, the grid taken from a submodule by hook (dlib-style names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(3, 8, 3)
+        self.conv256_down_out = torch.nn.Conv2d(8, 16, 3, stride=2)
+        self.fc = torch.nn.Linear(16, 12, bias=False)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+        x = torch.relu(self.conv_in(x))
+        x = self.conv256_down_out(x)
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "torch"])
+def test_users_module_runs_through_the_default_extraction_path(runtime):
+    """Used to die in copy.deepcopy (a non-leaf tensor left by the grid hook after the failed
+    ONNX export); now every preparation applies or is skipped, and the features match."""
+    from faceemd.models.backbones import TorchBackbone
+
+    torch.manual_seed(0)
+    backbone = TorchBackbone(_UsersNet(), grid_layer="conv256_down_out").eval()
+    prepared = prepare_for_inference(backbone, (3, 20, 20), runtime=runtime)
+    x = torch.randn(3, 3, 20, 20)
+    with torch.inference_mode():
+        want, got = backbone(x), prepared(x)
+    assert got.grid.shape == (3, 16, 9, 9) and got.embedding.shape == (3, 12)
+    torch.testing.assert_close(got.grid.float(), want.grid, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.embedding.float(), want.embedding, atol=1e-4, rtol=1e-4)
+    copy.deepcopy(backbone)  # nothing of a forward pass is left on the module

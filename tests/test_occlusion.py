@@ -164,3 +164,19 @@ def test_train_faces_use_precomputed_masked_copies(tmp_path):
     never = TrainFaces(faces, {"Ann": 0}, spec, None, str(tmp_path / "masked"), p_masked_copy=0.0)
     assert float(always[0]["image"].abs().max()) == 0.0
     assert float(never[0]["image"].abs().max()) > 0.0 and never[0]["label"] == 0
+
+
+def test_photos_differing_only_in_suffix_stay_two_images(tmp_path):
+    """Alec_Baldwin_0001.jpg and Alec_Baldwin_0001.png in one folder used to become one made
+    image (both written to Alec_Baldwin_0001.png), so two queries were ranked from one face."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "src" / "Alec_Baldwin"
+    folder.mkdir(parents=True)
+    for name in ("Alec_Baldwin_0001.jpg", "Alec_Baldwin_0001.png", "Alec_Baldwin_0002.jpg"):
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (40, 32), np.uint8))
+    source = ImageFolderFaces(tmp_path / "src")
+    made = OccludedFaces(source, "crop", tmp_path / "out")
+    assert len(made) == 3 and len(set(made.files)) == 3
+    assert len(list(made.root.rglob("*.png"))) == 3
+    assert not np.array_equal(made[0][0], made[1][0])  # each made from its own photo
+    assert "Alec_Baldwin/Alec_Baldwin_0002.png" in made.files  # no clash: name unchanged

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,19 @@ def _png_relpath(source: str) -> str:
         digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
         return f"_outside/{digest}-{src.stem}.png"
     return str(src.with_suffix(".png"))
+
+
+def _distinct(rels: list[str], files: list[str] | None) -> list[str]:
+    """Output paths with the clashes resolved: photos that differ only in their suffix
+    (``a.jpg`` and ``a.png``) would both become ``a.png``, so each of a clashing group keeps
+    its own suffix in its name (``a.jpg.png``, ``a.png.png``); the others are unchanged."""
+    counts = Counter(rels)
+    if files is None or all(c == 1 for c in counts.values()):
+        return rels
+    return [
+        rel if counts[rel] == 1 else _png_relpath(f"{src}.png")
+        for rel, src in zip(rels, files, strict=True)
+    ]
 
 
 class MaterialisedFaces(_FileFaces):
@@ -141,7 +155,8 @@ class MaterialisedFaces(_FileFaces):
 
     def _materialise(self, stamps: list[str] | None) -> None:
         made = skipped = 0
-        rels = [self._relpath(i) for i in range(len(self.source))]
+        files = getattr(self.source, "files", None)
+        rels = _distinct([self._relpath(i) for i in range(len(self.source))], files)
         if stamps is None:
             stamps = source_stamps(self.source) or [None] * len(rels)
         with Manifest(self.root) as manifest:

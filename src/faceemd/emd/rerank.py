@@ -8,6 +8,7 @@ computed from the returned rankings alone.
 from __future__ import annotations
 
 import time
+import warnings
 
 from torch import Tensor
 
@@ -17,7 +18,10 @@ from faceemd.emd.settings import RerankConfig
 from faceemd.emd.stage1 import stage1_topk
 from faceemd.emd.stage2 import stage2_depth, stage2_rerank, stage2_scores
 
-__all__ = ["two_stage_rank"]
+__all__ = ["MIN_PATCHES", "two_stage_rank"]
+
+# Fewer patches per face than this leave stage 2 little to match (a 2x2 grid: 4); warned about.
+MIN_PATCHES = 9
 
 # stage1_key's memo: {(key, sizes, depth, exclusion, index settings): (scores, index)}
 _STAGE1: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -49,6 +53,15 @@ def two_stage_rank(
             if cfg.top_k > 0:
                 check_finite(f"{name} patches", bank.patches)
     if cfg.top_k > 0:
+        if 0 < query.patches.shape[1] < MIN_PATCHES:
+            warnings.warn(
+                f"stage 2 matches only {query.patches.shape[1]} patches per face: too few for "
+                f"re-ranking to change much (at least {MIN_PATCHES}, e.g. 3x3, is advised); take "
+                "the grid from an earlier layer with a larger map (backbone.net.grid_layer / "
+                "grid) or a coarser rerank.grid only where the map is large",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if query.patches.shape[1:] != gallery.patches.shape[1:]:
             raise ValueError(
                 f"query patches {tuple(query.patches.shape[1:])} and gallery patches "

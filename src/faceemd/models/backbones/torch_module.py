@@ -9,6 +9,7 @@ output is the ``(N, C, H, W)`` last conv map, and optionally ``net.embedding_lay
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from torch import Tensor, nn
@@ -53,31 +54,43 @@ class TorchBackbone(FaceBackbone):
                 "backbone=torch without net.weights: %s is used as its constructor left it",
                 type(module).__name__,
             )
-        self._seen: dict[str, Tensor] = {}
-        names[grid_layer].register_forward_hook(self._keep("grid"))
+        names[grid_layer].register_forward_hook(functools.partial(_keep_output, "grid"))
         if embedding_layer is not None:
-            names[embedding_layer].register_forward_hook(self._keep("embedding"))
-
-    def _keep(self, role: str):
-        def hook(_module, _inputs, output):
-            self._seen[role] = output
-
-        return hook
+            names[embedding_layer].register_forward_hook(
+                functools.partial(_keep_output, "embedding")
+            )
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._seen.clear()
-        out = self.model(x)
-        grid = self._seen.get("grid")
+        grid_module = self.model.get_submodule(self.grid_layer)
+        emb_module = None
+        if self.embedding_layer is not None:
+            emb_module = self.model.get_submodule(self.embedding_layer)
+        try:
+            out = self.model(x)
+            grid = getattr(grid_module, _KEPT, {}).get("grid")
+            emb = out if emb_module is None else getattr(emb_module, _KEPT, {}).get("embedding")
+        finally:  # no tensor left on the module: it must stay deep-copyable
+            for module in (grid_module, emb_module):
+                if module is not None and _KEPT in module.__dict__:
+                    del module.__dict__[_KEPT]
         if not isinstance(grid, Tensor) or grid.dim() != 4:
             got = None if grid is None else getattr(grid, "shape", type(grid).__name__)
             raise ValueError(
                 f"submodule {self.grid_layer!r} gave {got}; a (N, C, H, W) tensor is needed"
             )
-        emb = self._seen.get("embedding") if self.embedding_layer is not None else out
         if not isinstance(emb, Tensor):
             raise ValueError(
                 f"the embedding source gave a {type(emb).__name__}, not a tensor: set "
                 "backbone.net.embedding_layer to the submodule whose output is the embedding"
             )
-        self._seen.clear()
         return grid, emb.reshape(len(x), -1)
+
+
+# The hooked submodule keeps its last output under this attribute during one forward. It is on
+# the submodule, not in a closure over the backbone, so a deep copy's hooks (the inference
+# copies of faceemd.models.inference) write into the copy.
+_KEPT = "_faceemd_kept_output"
+
+
+def _keep_output(role: str, module: nn.Module, _inputs, output) -> None:
+    module.__dict__.setdefault(_KEPT, {})[role] = output
