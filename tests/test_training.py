@@ -454,3 +454,49 @@ def test_class_mean_head_imprinting(compose_train):
     cfg["head"] = {"_target_": "faceemd.models.heads.SoftmaxHead"}
     with pytest.raises(ValueError, match="head_init=class_means needs a cosine head"):
         FaceRecognizer(cfg["backbone"], cfg["head"], 4, cfg["optimizer"], head_init="class_means")
+
+
+def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    """A write that fails part-way (ENOSPC) must leave the last good checkpoint loadable and
+    no temporary file; Lightning's own IO committed by copying onto the final name."""
+    import errno
+
+    from faceemd.checkpoint_io import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 1, "w": torch.ones(1000)}, path)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"epoch": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    kept = torch.load(path, weights_only=True)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(1000))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_train_uses_the_atomic_checkpoint_io(compose_train, tmp_path):
+    from faceemd.checkpoint_io import AtomicCheckpointIO
+    from faceemd.training import run_training
+
+    cfg = compose_train(["trainer.max_epochs=1", "logger=none", "+trainer.limit_train_batches=1",
+                         "+trainer.limit_val_batches=1"])  # fmt: skip
+    seen = {}
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):
+        seen[str(path)] = True
+        return real(self, checkpoint, path, storage_options)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(AtomicCheckpointIO, "save_checkpoint", spy):
+        run_training(cfg)
+    assert any(p.endswith("last.ckpt") for p in seen), seen

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
+from faceemd.checkpoint_io import AtomicCheckpointIO
 from faceemd.console import quiet_console
 from faceemd.instantiators import build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_face_input
@@ -125,7 +126,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         callbacks = list(built.values())
         if has_val:
             callbacks.append(RerankEvaluation(rerank_config(cfg.rerank)))
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        # checkpoints written beside their final name and renamed (a full disk keeps the last)
+        io = {} if cfg.trainer.get("plugins") else {"plugins": [AtomicCheckpointIO()]}
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **io)
         for lg in loggers:
             lg.log_hyperparams(container)
         resume = (
