@@ -189,3 +189,27 @@ def test_raw_photo_folder_is_detected_aligned_and_ranked(tmp_path):
     assert metrics["stage1/p_at_1"] >= 0.5  # chance: 2/11
     skipped = json.loads((runs[0].parent / "skipped_images.json").read_text())
     assert skipped == {"query": [f"{faces[0][1]}/noise.jpg"]}
+
+
+def test_report_names_a_failed_job_of_the_sweep(tmp_path):
+    """rerank.alpha=0.3,1.5,0.7: the 1.5 job fails its settings check; the report used to list
+    the two others and say nothing of it."""
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), "-m", "rerank.alpha=0.3,1.5,0.7",
+         "logger=none", f"paths.log_dir={tmp_path}", *TINY],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    (sweep,) = list(tmp_path.glob("evaluate/multiruns/*"))
+    report = subprocess.run(
+        [sys.executable, "-m", "faceemd.report", str(sweep)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "1 job(s) wrote no metrics.json" in report.stderr and "rerank.alpha=1.5" in report.stderr
+    md = (sweep / "report.md").read_text()
+    assert "Failed jobs" in md and "rerank.alpha=1.5" in md
+    import csv
+
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok"]

@@ -4,7 +4,8 @@
 the folder (one per job), writes ``report.csv`` (one row per job: its settings and every
 metric), ``report.md`` (the paper's layout: a row per dataset / backbone / weighting / grid /
 alpha / k, columns P@1, RP, M@R for stage 1 and stage 2 in percent; accuracy, AUC, EER for
-verification jobs) and, when the jobs span more than one alpha, ``alpha_curve.png`` (stage-2
+verification jobs; jobs of the sweep that wrote no ``metrics.json`` are listed after the table
+with their overrides, and in the CSV with status ``failed``) and, when the jobs span more than one alpha, ``alpha_curve.png`` (stage-2
 P@1, or accuracy for verification data, against alpha, one line per dataset, as Fig. 4). ``--wandb`` also logs the table and the curve to a W&B run (offline unless
 ``WANDB_MODE`` says otherwise).
 """
@@ -17,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["collect", "main", "plot_alpha_curve", "to_markdown", "write_report"]
+__all__ = ["collect", "failed_jobs", "main", "plot_alpha_curve", "to_markdown", "write_report"]
 
 SETTINGS = ("data", "backbone", "weighting", "grid", "alpha", "top_k", "blend")
 METRICS = ("p_at_1", "r_precision", "map_at_r")
@@ -79,7 +80,22 @@ def collect(folder: str | Path) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
+def failed_jobs(folder: str | Path) -> list[dict]:
+    """Jobs under ``folder`` that Hydra started (their ``.hydra/overrides.yaml`` exists) but
+    that wrote no ``metrics.json``: ``{"job", "overrides"}`` each, in job order."""
+    folder = Path(folder)
+    out = []
+    for overrides in sorted(folder.rglob(".hydra/overrides.yaml")):
+        job = overrides.parent.parent
+        if (job / "metrics.json").is_file():
+            continue
+        lines = [ln[2:].strip() for ln in overrides.read_text().splitlines() if ln.startswith("- ")]
+        rel = str(job.relative_to(folder)) if job != folder else "."
+        out.append({"job": rel, "overrides": " ".join(lines)})
+    return sorted(out, key=lambda r: (len(r["job"]), r["job"]))
+
+
+def to_markdown(rows: list[dict], failed: list[dict] = ()) -> str:
     """The paper's table layout, metrics in percent with two decimals (identification columns,
     and verification columns when a job has them)."""
     metrics = [m for m in METRICS if any(f"stage1/{m}" in r for r in rows)]
@@ -93,6 +109,9 @@ def to_markdown(rows: list[dict]) -> str:
                 v = r.get(f"{stage}/{m}")
                 cells.append("" if v is None else f"{100 * float(v):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", f"Failed jobs (no metrics.json; see each job's log): {len(failed)}", ""]
+        lines += [f"- job {f['job']}: `{f['overrides']}`" for f in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -138,13 +157,19 @@ def write_report(folder: str | Path, use_wandb: bool = False) -> dict[str, Path]
     """Write report.csv, report.md and (if alphas vary) alpha_curve.png into ``folder``."""
     folder = Path(folder)
     rows = collect(folder)
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    failed = failed_jobs(folder)
+    if failed:
+        print(f"{len(failed)} job(s) wrote no metrics.json (failed): "
+              + ", ".join(f"{f['job']} ({f['overrides']})" for f in failed), file=sys.stderr)  # fmt: skip
+    table = [{"status": "ok", **r} for r in rows]
+    table += [{"status": "failed", "job": f["job"], "overrides": f["overrides"]} for f in failed]
+    columns = list(dict.fromkeys(k for r in table for k in r))
     out = {"csv": folder / "report.csv", "markdown": folder / "report.md"}
     with open(out["csv"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
-    out["markdown"].write_text(to_markdown(rows))
+        writer.writerows(table)
+    out["markdown"].write_text(to_markdown(rows, failed))
     curve = plot_alpha_curve(rows, folder / "alpha_curve.png")
     if curve is not None:
         out["alpha_curve"] = curve
