@@ -500,3 +500,25 @@ def test_train_uses_the_atomic_checkpoint_io(compose_train, tmp_path):
     with unittest.mock.patch.object(AtomicCheckpointIO, "save_checkpoint", spy):
         run_training(cfg)
     assert any(p.endswith("last.ckpt") for p in seen), seen
+
+
+@pytest.mark.parametrize(
+    "override, what",
+    [("head=cosface", "head"), ("optimizer=adamw", "optimizer"), ("backbone=arcface_r18", "backbone"),
+     ("train_data.train.num_identities=13", "number of training classes")],
+)  # fmt: skip
+def test_resume_with_another_config_is_refused_naming_both(compose_train, tmp_path, override, what):
+    """head=cosface on an ArcFace checkpoint was accepted silently, optimizer=adamw died with
+    KeyError 'step' inside torch, another class count with a raw size mismatch."""
+    from faceemd.training import run_training
+
+    first = compose_train(["trainer.max_epochs=1", *TINY_TRAIN], output_dir=tmp_path / "a")
+    run_training(first)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    second = compose_train(
+        ["trainer.max_epochs=2", f"ckpt_path={last}", *TINY_TRAIN, override],
+        output_dir=tmp_path / "b",
+    )
+    with pytest.raises(ValueError, match=f"holds a run with {what} .* but this run asks for"):
+        run_training(second)
+    assert not list((tmp_path / "b").rglob("*.ckpt"))  # a refused resume writes no checkpoint

@@ -57,9 +57,12 @@ class SaveOnInterrupt(L.Callback):
         log.warning("%s stopped the run: saved %s", type(exception).__name__, self.path)
 
 
-def check_resume_checkpoint(path: str | Path) -> str:
+def check_resume_checkpoint(path: str | Path, hparams: dict | None = None) -> str:
     """``ckpt_path`` must be a Lightning checkpoint written by train.py (read with
-    ``weights_only=True``); anything else gets a message saying what it is and what to do."""
+    ``weights_only=True``); anything else gets a message saying what it is and what to do.
+    With ``hparams`` (the new run's model hyper-parameters), a checkpoint of another backbone,
+    head (class or settings), class count or optimizer is refused in one sentence naming both
+    values, before any training step (so a refused resume writes no checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path {path} not found (a train.py last.ckpt resumes a run)")
@@ -73,7 +76,33 @@ def check_resume_checkpoint(path: str | Path) -> str:
             "To start from backbone weights use backbone.weights=<file>; ckpt_path resumes a "
             "train.py run from its checkpoints/last.ckpt"
         )
+    if hparams is not None:
+        saved = obj.get("hyper_parameters") or {}
+        for what, key in _RESUME_MUST_MATCH:
+            was, now = _pick(saved, key), _pick(hparams, key)
+            if was != now:
+                raise ValueError(
+                    f"ckpt_path {path} holds a run with {what} {was!r}, but this run asks for "
+                    f"{now!r}: resume with the checkpoint's settings, or start a new run from its "
+                    "weights (export them: faceemd.training.export_backbone, then "
+                    "backbone.weights=<file>)"
+                )
     return str(path)
+
+
+# What a resumed run must share with its checkpoint: (what to call it, hyper-parameter path).
+_RESUME_MUST_MATCH = (
+    ("backbone", ("backbone", "net")),
+    ("head", ("head",)),
+    ("number of training classes", ("num_classes",)),
+    ("optimizer", ("optimizer", "_target_")),
+)
+
+
+def _pick(tree: dict, key: tuple[str, ...]):
+    for part in key:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> Path:
@@ -132,7 +161,9 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_hyperparams(container)
         resume = (
-            {"ckpt_path": check_resume_checkpoint(cfg.ckpt_path)} if cfg.get("ckpt_path") else {}
+            {"ckpt_path": check_resume_checkpoint(cfg.ckpt_path, dict(model.hparams))}
+            if cfg.get("ckpt_path")
+            else {}
         )
         try:
             trainer.fit(model, datamodule=datamodule, **resume)
