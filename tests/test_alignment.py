@@ -262,3 +262,38 @@ def test_cfp_fiducial_points_agree_with_the_detector():
             np.linalg.norm(ours - found, axis=1).mean() / np.linalg.norm(found[1] - found[0])
         )
     assert len(errors) == 50 and np.mean(errors) < 0.2
+
+
+def test_a_users_own_template_aligns_like_the_built_in_one_with_its_points():
+    """input.template as five points and an output size: the insightface 112x112 points given
+    by hand align exactly like `arcface_112`, and a 150x150 version scales them."""
+    from faceemd.data.align import TEMPLATES, align_face, resolve_template
+    from faceemd.data.synthetic import SyntheticFaces
+    from faceemd.data.transforms import FaceInput
+
+    points = [list(p) for p in TEMPLATES["arcface_112"].points]
+    name = resolve_template({"points": points, "size": [112, 112]})
+    assert name.startswith("custom_") and name == resolve_template(
+        {"points": points, "size": [112, 112]}
+    )
+    image, _, lmk = SyntheticFaces(num_identities=1, images_per_identity=1)[0]
+    from faceemd.data.align import five_points
+
+    mine, m1 = align_face(image, five_points(lmk), name)
+    ref, m2 = align_face(image, five_points(lmk), "arcface_112")
+    np.testing.assert_array_equal(mine, ref)
+    big = resolve_template(
+        {"points": [[x * 150 / 112, y * 150 / 112] for x, y in points], "size": [150, 150]}
+    )
+    _, m3 = align_face(image, five_points(lmk), big)
+    np.testing.assert_allclose(m3[:, :2], m2[:, :2] * 150 / 112, rtol=1e-9)
+    # as a backbone's input: the warp from LFW's frame is the built-in one's
+    mine_in = FaceInput((112, 112), 3, 0, 1, template={"points": points, "size": [112, 112]})
+    ref_in = FaceInput((112, 112), 3, 0, 1, template="arcface_112")
+    np.testing.assert_allclose(
+        mine_in.in_frame("sphereface_112x96").warp, ref_in.in_frame("sphereface_112x96").warp
+    )
+    with pytest.raises(ValueError, match="5 \\(x, y\\) points"):
+        resolve_template({"points": points[:4], "size": [112, 112]})
+    with pytest.raises(ValueError, match="unknown template 'dlib'"):
+        resolve_template("dlib")

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from faceemd.atomic import write_json
 from faceemd.console import quiet_console
-from faceemd.data.align import align_face
+from faceemd.data.align import align_face, resolve_template
 from faceemd.data.aligned import AlignedFaces
 from faceemd.data.datamodule import IdentificationDataModule
 from faceemd.data.detection import YuNetDetector
@@ -145,7 +145,7 @@ def identify(cfg: DictConfig) -> dict:
     """Run one identify job (``conf/identify.yaml``); returns what ``identify.json`` holds."""
     quiet_console()
     L.seed_everything(cfg.seed, verbose=False)
-    template = cfg.backbone.input.template
+    template = resolve_template(cfg.backbone.input.template)
     if template is None:
         raise ValueError(
             f"backbone {cfg.backbone.name} declares no alignment template "
@@ -186,7 +186,7 @@ def identify(cfg: DictConfig) -> dict:
 def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, threshold):
     """Per query face its answer and top identities of both stages, and its pictures (the
     aligned query, the flow picture of its best stage-2 match)."""
-    template = cfg.backbone.input.template
+    template = resolve_template(cfg.backbone.input.template)
     datamodule = IdentificationDataModule(
         queries, gallery, build_face_input(cfg.backbone), int(cfg.batch_size),
         int(cfg.num_workers), frame=template,

@@ -16,6 +16,7 @@ then warped bilinearly (no aliasing); pixels outside the source are black.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -34,6 +35,7 @@ __all__ = [
     "align_face",
     "align_folder",
     "five_points",
+    "resolve_template",
     "template_points",
     "umeyama",
 ]
@@ -85,6 +87,41 @@ TEMPLATES = {
         tuple((x * 160 / 112, y * 160 / 112) for x, y in _INSIGHTFACE_112), (160, 160), (160, 160)
     ),
 }
+
+
+def resolve_template(value) -> str | None:
+    """A template name for ``value``: None, a name of :data:`TEMPLATES`, or a user's own
+    template as a mapping ``{points: [[x, y] x 5], size: [h, w]}`` (points in the order
+    image-left eye, image-right eye, nose tip, image-left and image-right mouth corner, in
+    pixels of the ``size`` output; optional ``crop: [h, w]`` when the points are given in a
+    larger frame that is then resized to ``size``). A mapping is added to :data:`TEMPLATES`
+    under ``custom_<digest of its values>`` (the same template always gets the same name, so it
+    keys caches and aligned sets like a built-in one). Anything else is a ``ValueError``."""
+    if value is None or isinstance(value, str):
+        if value is not None and value not in TEMPLATES:
+            raise ValueError(
+                f"unknown template {value!r}; choose from {sorted(TEMPLATES)} or give your own "
+                "as {points: [[x, y] x 5], size: [h, w]}"
+            )
+        return value
+    try:
+        spec = dict(value)
+        points = tuple((float(x), float(y)) for x, y in spec["points"])
+        size = tuple(int(v) for v in spec["size"])
+        crop = tuple(int(v) for v in spec.get("crop") or size)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"a template is a name or {{points: [[x, y] x 5], size: [h, w]}}, got {value!r}"
+        ) from err
+    if len(points) != 5 or len(size) != 2 or len(crop) != 2 or min(*size, *crop) <= 0:
+        raise ValueError(
+            f"a template needs 5 (x, y) points and a positive size [h, w]; got {len(points)} "
+            f"points, size {list(size)}"
+        )
+    digest = hashlib.sha256(repr((points, crop, size)).encode()).hexdigest()[:10]
+    name = f"custom_{digest}"
+    TEMPLATES.setdefault(name, Template(points, crop, size))
+    return name
 
 
 def template_points(template: str | Template) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceemd.data.align import TEMPLATES, align_face, five_points
+from faceemd.data.align import TEMPLATES, align_face, five_points, resolve_template
 from faceemd.data.detection import YuNetDetector
 from faceemd.data.folders import NoFaceError
 from faceemd.data.landmarks import OnnxLandmarker, plausible_landmarks
@@ -58,8 +58,7 @@ class AlignedFaces(MaterialisedFaces):
                 "(backbone.input.template): set data.*.template to one of "
                 f"{sorted(TEMPLATES)}"
             )
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
+        template = resolve_template(template)
         if points not in POINT_SOURCES:
             raise ValueError(f"points must be one of {POINT_SOURCES}, got {points!r}")
         self.template = template

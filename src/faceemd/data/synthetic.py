@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from faceemd.data.align import TEMPLATES, align_face, five_points
+from faceemd.data.align import align_face, five_points, resolve_template
 from faceemd.data.occlusion import apply_occlusion
 
 __all__ = ["Identity", "render_face", "sample_identity", "SyntheticFaces"]
@@ -188,9 +188,7 @@ class SyntheticFaces:
     ) -> None:
         if num_identities < 1 or images_per_identity < 1:
             raise ValueError("num_identities and images_per_identity must be >= 1")
-        if template is not None and template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
-        self.template = template
+        self.template = resolve_template(template)
         self.num_identities = num_identities
         self.images_per_identity = images_per_identity
         self.first_image = first_image

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from faceemd.data.align import TEMPLATES, template_points, umeyama
+from faceemd.data.align import TEMPLATES, resolve_template, template_points, umeyama
 
 __all__ = ["FaceInput"]
 
@@ -93,11 +93,10 @@ class FaceInput:
         )
         if any(s == 0 for s in (self.std if isinstance(self.std, tuple) else (self.std,))):
             raise ValueError("input.std must not be 0")
+        template = resolve_template(template)
         self.colour, self.template = colour, template
         self.warp = None if warp is None else [list(map(float, row)) for row in warp]
         if template is not None:
-            if template not in TEMPLATES:
-                raise ValueError(f"unknown template {template!r}; choose from {sorted(TEMPLATES)}")
             if tuple(TEMPLATES[template].size) != self.size:
                 raise ValueError(
                     f"template {template} is {TEMPLATES[template].size} (h, w) but the input "
@@ -106,8 +105,7 @@ class FaceInput:
 
     def in_frame(self, frame: str | None) -> FaceInput:
         """This input for images aligned to template ``frame`` (None: unknown frame)."""
-        if frame is not None and frame not in TEMPLATES:
-            raise ValueError(f"unknown frame {frame!r}; choose from {sorted(TEMPLATES)}")
+        frame = resolve_template(frame)
         warp = None
         if frame is not None and self.template is not None and frame != self.template:
             warp = umeyama(template_points(frame), template_points(self.template)).tolist()
