@@ -6,6 +6,7 @@ import pytest
 from hydra.utils import instantiate
 
 from faceemd.callbacks import RerankEvaluation
+from faceemd.data.transforms import FaceInput
 from faceemd.instantiators import build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_backbone, build_face_input
 
@@ -321,3 +322,35 @@ def test_every_train_option_composes_and_builds(compose_train, group, option):
     assert opt is not None
     logits = model.head(model(torch.zeros(2, 1, 64, 64)), torch.tensor([0, 1]))
     assert logits.shape == (2, 5)
+
+
+def test_limit_queries_takes_a_quick_subset_with_its_own_cache_key(compose_evaluate, tmp_path):
+    names = ["Ann_Lee", "Bob_Hope", "Cy_Twombly", "Di_Fox"]
+    _write_faces(tmp_path / "lfw", names, "lfw")
+    base = [
+        "data=lfw_crop",
+        f"paths.lfw_dir={tmp_path / 'lfw'}",
+        f"paths.occluded_dir={tmp_path / 'occ'}",
+    ]
+    full = instantiate(compose_evaluate(base).data, face_input=FaceInput((64, 64), 1, 127.5, 127.5))
+    full.setup("test")
+    cfg = compose_evaluate([*base, "+data.limit_queries=5"])
+    dm = instantiate(cfg.data, face_input=FaceInput((64, 64), 1, 127.5, 127.5))
+    dm.setup("test")
+    assert len(dm.query) == 5 and len(dm.gallery) == 12 and len(full.query) == 12
+    assert dm.query.files == full.query.files[:5]
+    assert dm.query.fingerprint() != full.query.fingerprint()
+    with pytest.raises(ValueError, match="needs a separate gallery"):
+        lfw = compose_evaluate(
+            ["data=lfw", f"paths.lfw_dir={tmp_path / 'lfw'}", "+data.limit_queries=3"]
+        )
+        instantiate(lfw.data, face_input=FaceInput((64, 64), 1, 127.5, 127.5)).setup("test")
+
+
+def test_paths_shared_points_every_protocol_at_the_real_data(compose_evaluate):
+    for data in ("lfw", "lfw_mask", "lfw_crop", "lfw_sunglass", "lfw_adv"):
+        cfg = compose_evaluate(["paths=shared", f"data={data}"])
+        assert cfg.paths.lfw_dir.endswith("shared/data/lfw/align-112x96")
+        assert cfg.data.frame == "sphereface_112x96", data
+    cfg = compose_evaluate(["paths=shared", "data=cfp_profile"])
+    assert cfg.paths.cfp_dir.endswith("shared/data/cfp")

@@ -366,6 +366,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             )  # fmt: skip
             if datamodule.exclude_own_original:
                 results["eval/own_original_excluded"] = 1
+            if datamodule.limit_queries is not None:
+                results["eval/limited_queries"] = datamodule.limit_queries
+                log.warning("a quick subset: only the first %d queries", datamodule.limit_queries)
             results.update({f"eval/solver_{k}": v for k, v in scores.stats.items()})
             results["eval/prefetched_weightings"] = len(scores.prefetched)
         results["eval/cached_stage2"] = int(scores.hit)

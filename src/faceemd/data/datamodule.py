@@ -82,6 +82,8 @@ class IdentificationDataModule(L.LightningDataModule):
     exclude_own_original: for query sets made image by image from the gallery's own files
     (occluded, adversarial: ``source`` and ``source_index``), leave each query's clean
     original out of its ranking (the paper's protocols keep it in: false).
+    limit_queries: rank only the query set's first N images (a quick look at a protocol;
+    ``metrics.json`` records it as ``eval/limited_queries``); file-backed query sets only.
     """
 
     def __init__(
@@ -93,9 +95,11 @@ class IdentificationDataModule(L.LightningDataModule):
         num_workers: int = 0,
         frame: str | None = None,
         exclude_own_original: bool = False,
+        limit_queries: int | None = None,
     ) -> None:
         super().__init__()
         self.exclude_own_original = bool(exclude_own_original)
+        self.limit_queries = None if limit_queries is None else int(limit_queries)
         self.query = query
         self.gallery = gallery
         self.face_input = face_input
@@ -114,6 +118,17 @@ class IdentificationDataModule(L.LightningDataModule):
                 "IdentificationDataModule needs face_input (the backbone's input spec)"
             )
         self.face_input = self.face_input.in_frame(self.frame)
+        if self.limit_queries is not None:
+            if self.gallery is None:
+                raise ValueError(
+                    "limit_queries needs a separate gallery: on a protocol whose queries are "
+                    "their own gallery (lfw) it would shrink the gallery too"
+                )
+            if not hasattr(self.query, "keep_first"):
+                raise ValueError(
+                    f"limit_queries needs a file-backed query set, not {type(self.query).__name__}"
+                )
+            self.query.keep_first(self.limit_queries)
         names = set(self.query.label_names())
         if self.gallery is not None:
             names |= set(self.gallery.label_names())

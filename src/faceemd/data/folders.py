@@ -203,6 +203,14 @@ class _FileFaces:
             "singletons": sum(1 for c in counts.values() if c == 1),
         }
 
+    def keep_first(self, n: int) -> None:
+        """Keep only the first ``n`` images (a quick subset; the fingerprint follows)."""
+        if n < 1:
+            raise ValueError(f"limit_queries must be >= 1, got {n}")
+        self.files, self.labels = self.files[:n], self.labels[:n]
+        if hasattr(self, "source_index"):  # a set made image by image from a source
+            self.source_index = self.source_index[:n]
+
     def _keep_identities(self, min_images: int) -> None:
         """Drop identities with fewer than ``min_images`` images."""
         counts = Counter(self.labels)
