@@ -263,7 +263,7 @@ def test_frame_change_sphereface_to_arcface_is_8_black_columns_each_side():
         x, torch.from_numpy(want).permute(2, 0, 1).float(), atol=1e-3, rtol=0
     )
     np.testing.assert_allclose(moved, lmk + [8, 0], atol=1e-4)
-    with pytest.raises(ValueError, match="unknown frame"):
+    with pytest.raises(ValueError, match="unknown template"):
         spec.in_frame("lfw_250")
 
 
