@@ -57,17 +57,27 @@ def _identify_overrides(args: list[str]) -> list[str]:
     return rest
 
 
-def _hydra(command: str, config_name: str, job, args: list[str]):
+def _hydra(command: str, job, args: list[str]) -> None:
+    """Run ``job`` as the Hydra app of ``conf/<command>.yaml`` with ``args`` as its arguments."""
     import hydra
 
     sys.argv = [f"faceemd {command}", *args]
-    return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(job)()
+    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=command)(job)()
 
 
-def _identify(cfg):
+def _job(command: str):
+    """The job function of a Hydra command, imported only when that command runs."""
+    if command == "evaluate":
+        from faceemd.evaluation import evaluate_job
+
+        return evaluate_job
+    if command == "train":
+        from faceemd.training import train_job
+
+        return train_job
     from faceemd.identify import identify
 
-    identify(cfg)
+    return identify
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,16 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         from faceemd.report import main as report_main
 
         return report_main(rest)
-    from faceemd.evaluation import evaluate_job
-    from faceemd.training import train_job
-
-    jobs = {"evaluate": evaluate_job, "train": train_job, "identify": _identify}
-    if command not in jobs:
+    if command not in ("evaluate", "train", "identify"):
         print(f"faceemd: unknown command {command!r}\n\n{_USAGE}", file=sys.stderr)
         return 2
     if command == "identify":
         rest = _identify_overrides(rest)
-    _hydra(command, command, jobs[command], rest)
+    _hydra(command, _job(command), rest)
     return 0
 
 

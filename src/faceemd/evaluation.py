@@ -301,7 +301,7 @@ VERIFICATION_KEY = re.compile(r"stage[12]/(accuracy|accuracy_std|auc|eer|tar_at_
 def own_original_rows(datamodule, feats: dict) -> torch.Tensor | None:
     """``(Q,)`` gallery feature row of each query feature row's clean original (-1: none), or
     None when the protocol keeps the originals (``data.exclude_own_original``)."""
-    positions = datamodule.own_originals() if hasattr(datamodule, "own_originals") else None
+    positions = datamodule.own_originals()
     if positions is None:
         return None
     row_of = np.full(len(datamodule.gallery), -1, np.int64)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
@@ -174,7 +173,7 @@ def identify(cfg: DictConfig) -> dict:
     }  # fmt: skip
     pictures: list[dict] = []
     if len(queries):
-        result["faces"], pictures = _rank(cfg, queries, gallery, threshold)
+        result["faces"], pictures = _rank(cfg, queries, gallery, template, threshold)
     out_dir = Path(cfg.paths.output_dir)
     write_json(out_dir / "identify.json", result)
     page = write_page(out_dir, result, pictures, gallery)
@@ -183,10 +182,9 @@ def identify(cfg: DictConfig) -> dict:
     return result
 
 
-def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, threshold):
+def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, template, threshold):
     """Per query face its answer and top identities of both stages, and its pictures (the
     aligned query, the flow picture of its best stage-2 match)."""
-    template = resolve_template(cfg.backbone.input.template)
     datamodule = IdentificationDataModule(
         queries, gallery, build_face_input(cfg.backbone), int(cfg.batch_size),
         int(cfg.num_workers), frame=template,
@@ -205,8 +203,9 @@ def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, thresh
     grid = rerank.grid or g_feats.grid_shape
     faces, pictures = [], []
     for q, pos in enumerate(feats["query"].index.tolist()):
-        s1 = _candidates(q, ranking.stage1_index, ranking, names, int(cfg.top), rerank.top_k)
-        s2 = _candidates(q, ranking.stage2_index, ranking, names, int(cfg.top), rerank.top_k)
+        scores = _scores(q, ranking, rerank.top_k)
+        s1 = _candidates(ranking.stage1_index[q].tolist(), scores, names, int(cfg.top))
+        s2 = _candidates(ranking.stage2_index[q].tolist(), scores, names, int(cfg.top))
         best_row = s2[0]["row"]
         for entry in s1 + s2:
             entry["gallery_image"] = gallery.files[g_pos[entry.pop("row")]]
@@ -224,19 +223,25 @@ def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, thresh
     return faces, pictures
 
 
-def _candidates(q: int, index: torch.Tensor, ranking, names: list[str], top: int, k: int):
-    """The first ``top`` distinct identities in query ``q``'s row of ``index`` (a stage's
-    ranking), each with its best-ranked gallery row and that row's cosine, EMD (None outside
-    the stage-1 top ``k``) and stage-2 score."""
+def _scores(q: int, ranking, k: int) -> tuple[dict, dict, dict]:
+    """Query ``q``'s ``{gallery row: score}`` tables: cosine, EMD (the stage-1 top ``k`` only)
+    and stage-2 score."""
     s1_row = ranking.stage1_index[q].tolist()
     cosine = dict(zip(s1_row, ranking.stage1_score[q].tolist(), strict=True))
     emd = {}
     if ranking.emd_similarity is not None:
         emd = dict(zip(s1_row[:k], ranking.emd_similarity[q].tolist(), strict=True))
     s2_row = ranking.stage2_index[q].tolist()
-    blended = dict(zip(s2_row, ranking.stage2_score[q].tolist(), strict=True))
+    return cosine, emd, dict(zip(s2_row, ranking.stage2_score[q].tolist(), strict=True))
+
+
+def _candidates(order: list[int], scores: tuple[dict, dict, dict], names: list[str], top: int):
+    """The first ``top`` distinct identities of a stage's ranking ``order`` (gallery rows),
+    each with its best-ranked row and that row's cosine, EMD (None outside the stage-1 top k)
+    and stage-2 score."""
+    cosine, emd, blended = scores
     out, seen = [], set()
-    for g in index[q].tolist():
+    for g in order:
         if names[g] in seen:
             continue
         seen.add(names[g])

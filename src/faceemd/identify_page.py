@@ -38,11 +38,12 @@ def write_page(out_dir: Path, result: dict, pictures: list[dict], gallery) -> Pa
     out_dir = Path(out_dir)
     files = out_dir / "identify_files"
     shown: dict[str, str] = {}
+    position = {rel: i for i, rel in enumerate(gallery.files)}
 
     def gallery_src(rel: str) -> str:
         if rel not in shown:
             name = f"gallery_{len(shown):04d}.png"
-            write_image(files / name, gallery[gallery.files.index(rel)][0])
+            write_image(files / name, gallery[position[rel]][0])
             shown[rel] = f"identify_files/{name}"
         return shown[rel]
 

@@ -117,7 +117,7 @@ class DifferentiableInput(nn.Module):
             pixels = pixels.expand(-1, 3, -1, -1)
         elif spec.channels == 3 and spec.colour == "bgr":
             pixels = pixels.flip(1)
-        return (pixels - _per_channel(spec.mean, pixels)) / _per_channel(spec.std, pixels)
+        return spec.normalise(pixels)
 
     def _grid(self, pixels: Tensor, h: int, w: int) -> Tensor:
         """Sampling grid ``(B, th, tw, 2)``: each input pixel's source position, normalised."""
@@ -133,13 +133,6 @@ class DifferentiableInput(nn.Module):
         size = pixels.new_tensor([w, h])
         grid = (2 * src + 1) / size - 1
         return grid.unsqueeze(0).expand(pixels.shape[0], -1, -1, -1)
-
-
-def _per_channel(value, pixels: Tensor):
-    """A per-channel tuple as a ``(1, C, 1, 1)`` tensor for ``(B, C, h, w)``; a float as it is."""
-    if isinstance(value, tuple):
-        return pixels.new_tensor(value).view(1, -1, 1, 1)
-    return value
 
 
 def random_start(shape: tuple[int, ...], seed: int, key: str) -> Tensor:

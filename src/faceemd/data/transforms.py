@@ -51,13 +51,10 @@ def _per_channel(name: str, value, channels: int) -> float | tuple[float, ...]:
         ) from err
 
 
-def _as_tensor(value) -> float | torch.Tensor:
-    """A per-channel tuple as a ``(C, 1, 1)`` tensor for ``(C, h, w)`` images; a float as it is."""
-    return (
-        torch.tensor(value, dtype=torch.float32).view(-1, 1, 1)
-        if isinstance(value, tuple)
-        else value
-    )
+def _as_tensor(value, like: torch.Tensor) -> float | torch.Tensor:
+    """A per-channel tuple as a ``(C, 1, 1)`` tensor of ``like``'s dtype and device (it
+    broadcasts over ``(C, h, w)`` and ``(B, C, h, w)``); a float as it is."""
+    return like.new_tensor(value).view(-1, 1, 1) if isinstance(value, tuple) else value
 
 
 class FaceInput:
@@ -140,7 +137,12 @@ class FaceInput:
             image = image[..., ::-1]
         x = torch.from_numpy(np.ascontiguousarray(image)).float()
         x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)
-        return (x - _as_tensor(self.mean)) / _as_tensor(self.std), lmk
+        return self.normalise(x), lmk
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std`` of images ``(C, h, w)`` or ``(B, C, h, w)``, per channel where
+        mean or std has one value per channel."""
+        return (x - _as_tensor(self.mean, x)) / _as_tensor(self.std, x)
 
     @classmethod
     def from_config(cls, spec) -> FaceInput:
