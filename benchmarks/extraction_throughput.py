@@ -5,7 +5,7 @@ Usage: python benchmarks/extraction_throughput.py [--experiment real_lfw_mobilef
        [--data lfw_mask] [--images 640] [--threads 2] [--repeats 2]
        python benchmarks/extraction_throughput.py --experiment none   # synthetic default
 
-The real path is :func:`faceemd.extraction.load_or_extract` with the feature cache off, on the
+The real path is :func:`faceemd.jobs.extraction.load_or_extract` with the feature cache off, on the
 first ``--images`` query images of the configured protocol: files -> decode -> occlusion (the
 protocol's materialised copies) -> input transform -> DataLoader workers -> Lightning test loop
 -> backbone -> collected features. It runs twice, with the backbone as loaded (``before``:
@@ -35,7 +35,7 @@ from hydra.utils import instantiate  # noqa: E402
 
 from faceemd.data.datamodule import PreparedFaces  # noqa: E402
 from faceemd.data.train_datamodule import FaceSubset  # noqa: E402
-from faceemd.extraction import load_or_extract  # noqa: E402
+from faceemd.jobs.extraction import load_or_extract  # noqa: E402
 from faceemd.models.build import build_backbone, build_face_input  # noqa: E402
 from faceemd.models.inference import RUNTIMES, prepare_for_inference  # noqa: E402
 

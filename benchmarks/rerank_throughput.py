@@ -168,8 +168,8 @@ def real_features(experiment: str, data: str, num_queries: int):
     from extraction_throughput import compose_cfg
     from hydra.utils import instantiate
 
-    from faceemd.extraction import load_or_extract
-    from faceemd.instantiators import build_cache
+    from faceemd.jobs.extraction import load_or_extract
+    from faceemd.jobs.instantiators import build_cache
     from faceemd.models.build import build_backbone, build_face_input
 
     cfg = compose_cfg(experiment, data, [], cache="disk")

@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from faceemd.cache import FeatureCache, cache_key, state_dict_digest
 from faceemd.emd.weights import pool_patches
 from faceemd.features import ExtractedFeatures
 from faceemd.models.backbones import ArcFaceResNet18
+from faceemd.storage.feature_cache import FeatureCache, cache_key, state_dict_digest
 
 from .conftest import ROOT
 
@@ -77,7 +77,7 @@ def test_writer_killed_before_rename_leaves_nothing_trusted(tmp_path):
     script = textwrap.dedent(
         f"""
         import os, torch
-        from faceemd import cache as c
+        from faceemd.storage import feature_cache as c
         from faceemd.features import ExtractedFeatures
         c.os.replace = lambda *a: os._exit(9)   # the process is killed at this point
         f = ExtractedFeatures(torch.zeros(3, 4), torch.zeros(3, 4, 2), torch.arange(3),
@@ -149,7 +149,7 @@ def test_entries_carry_patch_summaries_of_the_stored_values(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_parts_merge_into_one_mapped_entry(tmp_path, dtype):
-    from faceemd.extraction import _concat
+    from faceemd.jobs.extraction import _concat
     from faceemd.memory import shared_file_mapping
 
     cache = FeatureCache(tmp_path, dtype=dtype, mmap=True)
@@ -223,8 +223,8 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     (tmp_path / "ab").mkdir()
-    stale = tmp_path / "ab" / f"abc.safetensors.tmp-{dead}"
-    live = tmp_path / "ab" / f"abd.safetensors.tmp-{os.getpid()}"
+    stale = tmp_path / "ab" / f".abc.safetensors.tmp-{dead}"  # the names atomic_write makes
+    live = tmp_path / "ab" / f".abd.safetensors.tmp-{os.getpid()}"
     stale.write_bytes(b"x" * 10)
     live.write_bytes(b"y")
     FeatureCache(tmp_path)
@@ -257,7 +257,7 @@ def test_sets_loaded_once_per_process_while_their_file_is_unchanged(tmp_path, mo
 
 
 def test_memo_keeps_within_its_budget(tmp_path):
-    from faceemd.filememo import _KEPT
+    from faceemd.storage.filememo import _KEPT
 
     _KEPT.clear()
     big = _features(n=64, c=256)  # ~1.1 MB of tensors

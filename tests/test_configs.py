@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 
 from faceemd.callbacks import RerankEvaluation
 from faceemd.data.transforms import FaceInput
-from faceemd.instantiators import build_loggers, finish_loggers, rerank_config
+from faceemd.jobs.instantiators import build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_backbone, build_face_input
 
 from .conftest import ROOT
@@ -60,7 +60,7 @@ def test_every_option_composes(compose_evaluate, tmp_path, group, option):
         assert len(loggers) == {"default": 2, "wandb": 1, "csv": 1, "none": 0}[option]
         finish_loggers()
     elif group == "cache":  # disk: entries written and read back; off: nothing cached
-        from faceemd.instantiators import build_cache
+        from faceemd.jobs.instantiators import build_cache
 
         if option == "disk":
             cfg.cache.dir = str(tmp_path / "cache")
@@ -284,7 +284,7 @@ def test_paper_experiments_are_all_there():
 def test_experiment_runs_on_tiny_data(compose_evaluate, tmp_path, name):
     """The experiment's settings, with its data swapped for a tiny synthetic set and its
     checkpoint for random weights (the real ones are downloads)."""
-    from faceemd.evaluation import run_evaluation
+    from faceemd.jobs.evaluate import run_evaluation
 
     cfg = compose_evaluate([f"experiment={name}", f"paths.log_dir={tmp_path}", *TINY_SYNTHETIC])
     assert cfg.hydra.sweeper.params, "an experiment defines its sweep"

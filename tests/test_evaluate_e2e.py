@@ -114,7 +114,7 @@ def test_twelve_job_sweep_extracts_once_and_reports_twelve_rows(tmp_path):
     # the 4x4 jobs pooled the cached 8x8 grids: same stage 1, and alpha=0 equal to stage 1
     assert len({r["metrics"]["stage1/p_at_1"] for r in runs}) == 1
     report = subprocess.run(
-        [sys.executable, "-m", "faceemd.report", str(sweep_dir)],
+        [sys.executable, "-m", "faceemd.jobs.report", str(sweep_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -202,7 +202,7 @@ def test_report_names_a_failed_job_of_the_sweep(tmp_path):
     )  # fmt: skip
     (sweep,) = list(tmp_path.glob("evaluate/multiruns/*"))
     report = subprocess.run(
-        [sys.executable, "-m", "faceemd.report", str(sweep)],
+        [sys.executable, "-m", "faceemd.jobs.report", str(sweep)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert report.returncode == 0, report.stderr

@@ -221,7 +221,7 @@ def test_parsed_files_are_reused_only_while_unchanged(tmp_path):
     import os
 
     from faceemd.data.folders import read_landmarks
-    from faceemd.data.manifest import Manifest
+    from faceemd.storage.manifest import Manifest
 
     tsv = tmp_path / "landmarks68.tsv"
     tsv.write_text("a/1.png\t1\t2\t3\t4\n")

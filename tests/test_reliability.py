@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from faceemd.emd import FeatureBank, RerankConfig, stage1_topk, stage2, stage2_rerank
-from faceemd.extraction import check_features
 from faceemd.features import ExtractedFeatures
+from faceemd.jobs.extraction import check_features
 
 from .conftest import ROOT
 
@@ -122,7 +122,7 @@ def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
 def test_finishing_a_job_without_wandb_logger_does_not_import_wandb(monkeypatch):
     import sys
 
-    from faceemd.instantiators import finish_loggers
+    from faceemd.jobs.instantiators import finish_loggers
 
     monkeypatch.delitem(sys.modules, "wandb", raising=False)
     finish_loggers()  # a CSV-only job: must neither need nor load wandb
@@ -154,7 +154,7 @@ def _compose_small(compose_evaluate, tmp_path, *extra):
 
 
 def test_bad_settings_are_refused_before_any_work(compose_evaluate, tmp_path):
-    from faceemd.evaluation import run_evaluation
+    from faceemd.jobs.evaluate import run_evaluation
 
     for extra, message in (
         (["visualize.queries=[99999]"], r"visualize.queries \[99999\] are not query ids"),
@@ -173,8 +173,8 @@ def test_metrics_survive_a_failing_score_cache_and_top_k_is_capped(
 ):
     """A full disk when the stage-2 scores are cached (after the ranking) only warns; a top_k
     deeper than the 18-image gallery is capped before the extraction."""
-    from faceemd.cache import FeatureCache
-    from faceemd.evaluation import run_evaluation
+    from faceemd.jobs.evaluate import run_evaluation
+    from faceemd.storage.feature_cache import FeatureCache
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -193,7 +193,7 @@ def test_skipped_images_are_named_in_the_run_folder(compose_evaluate, tmp_path):
     import cv2
 
     from faceemd.data.synthetic import SyntheticFaces
-    from faceemd.evaluation import run_evaluation
+    from faceemd.jobs.evaluate import run_evaluation
 
     faces = SyntheticFaces(4, 3, seed=2)
     root = tmp_path / "faces"
@@ -215,7 +215,7 @@ def test_skipped_images_are_named_in_the_run_folder(compose_evaluate, tmp_path):
 
 
 def test_report_skips_a_malformed_metrics_file(tmp_path, capsys):
-    from faceemd.report import collect
+    from faceemd.jobs.report import collect
 
     good = {"metrics": {"stage1/p_at_1": 0.5}, "config": {"rerank": {"alpha": 0.7}}}
     for job, text in (("0", json.dumps(good)), ("1", "[]"), ("2", '{"config": 3}'), ("3", "{")):

@@ -6,7 +6,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict, read_write
 
-from faceemd.sweep import swept_values
+from faceemd.jobs.sweep import swept_values
 
 
 @pytest.fixture

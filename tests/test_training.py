@@ -78,7 +78,7 @@ def test_softmax_and_focal_loss():
 
 @pytest.mark.parametrize("head", ["arcface", "cosface", "sphereface", "softmax"])
 def test_fast_dev_run_per_head(compose_train, head):
-    from faceemd.training import run_training
+    from faceemd.jobs.train import run_training
 
     cfg = compose_train([f"head={head}", "++trainer.fast_dev_run=true", *TINY_TRAIN])
     metrics = run_training(cfg)
@@ -88,7 +88,7 @@ def test_fast_dev_run_per_head(compose_train, head):
 
 def test_mixed_precision_accumulation_and_no_logger(compose_train):
     """The README's Trainer flags, with logging off (no learning-rate monitor then)."""
-    from faceemd.training import run_training
+    from faceemd.jobs.train import run_training
 
     cfg = compose_train(
         [
@@ -107,7 +107,7 @@ def test_mixed_precision_accumulation_and_no_logger(compose_train):
 
 def _validate_p_at_1(cfg, model, datamodule):
     from faceemd.callbacks import RerankEvaluation
-    from faceemd.instantiators import rerank_config
+    from faceemd.jobs.instantiators import rerank_config
 
     evaluation = RerankEvaluation(rerank_config(cfg.rerank))
     trainer = L.Trainer(
@@ -127,9 +127,9 @@ def test_short_run_lowers_loss_and_beats_the_untrained_model(compose_train, tmp_
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from faceemd.jobs.train import run_training
     from faceemd.models.build import build_face_input
     from faceemd.models.recognizer import FaceRecognizer
-    from faceemd.training import run_training
 
     # Validation is open-set (identities never trained on): 12 training identities and 10 queries
     # left the gain inside the noise (0.3 -> 0.3 here, 0.3 -> 0.2 on CI). 40 identities, AdamW and
@@ -168,7 +168,7 @@ def test_short_run_lowers_loss_and_beats_the_untrained_model(compose_train, tmp_
 
 
 def test_resume_restores_step_count_and_optimizer_state(compose_train, tmp_path):
-    from faceemd.training import run_training
+    from faceemd.jobs.train import run_training
 
     first = compose_train(["trainer.max_epochs=1", *TINY_TRAIN], output_dir=tmp_path / "a")
     run_training(first)
@@ -260,7 +260,7 @@ def test_sigterm_saves_last_checkpoint_and_exits_non_zero(tmp_path):
 def test_last_checkpoint_is_the_latest_epoch_even_without_validation(compose_train, tmp_path):
     """last.ckpt follows every epoch, not the improvements of the monitored metric (here
     validation never runs, so the best checkpoint is never written)."""
-    from faceemd.training import run_training
+    from faceemd.jobs.train import run_training
 
     cfg = compose_train(
         ["trainer.max_epochs=2", "trainer.check_val_every_n_epoch=5", *TINY_TRAIN],
@@ -304,9 +304,9 @@ def test_crafted_checkpoint_targets_are_refused(tmp_path):
 
 
 def test_checkpoint_mixups_get_messages_that_say_what_to_do(tmp_path):
+    from faceemd.jobs.train import check_resume_checkpoint
     from faceemd.models.backbones import TinyFaceNet
     from faceemd.models.checkpoint import load_backbone_weights
-    from faceemd.training import check_resume_checkpoint
 
     state = TinyFaceNet().state_dict()
     torch.save(state, tmp_path / "plain.pt")
@@ -461,7 +461,7 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     no temporary file; Lightning's own IO committed by copying onto the final name."""
     import errno
 
-    from faceemd.checkpoint_io import AtomicCheckpointIO
+    from faceemd.storage.checkpoint_io import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "checkpoints" / "last.ckpt"
@@ -483,8 +483,8 @@ def test_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
 
 
 def test_train_uses_the_atomic_checkpoint_io(compose_train, tmp_path):
-    from faceemd.checkpoint_io import AtomicCheckpointIO
-    from faceemd.training import run_training
+    from faceemd.jobs.train import run_training
+    from faceemd.storage.checkpoint_io import AtomicCheckpointIO
 
     cfg = compose_train(["trainer.max_epochs=1", "logger=none", "+trainer.limit_train_batches=1",
                          "+trainer.limit_val_batches=1"])  # fmt: skip
@@ -510,7 +510,7 @@ def test_train_uses_the_atomic_checkpoint_io(compose_train, tmp_path):
 def test_resume_with_another_config_is_refused_naming_both(compose_train, tmp_path, override, what):
     """head=cosface on an ArcFace checkpoint was accepted silently, optimizer=adamw died with
     KeyError 'step' inside torch, another class count with a raw size mismatch."""
-    from faceemd.training import run_training
+    from faceemd.jobs.train import run_training
 
     first = compose_train(["trainer.max_epochs=1", *TINY_TRAIN], output_dir=tmp_path / "a")
     run_training(first)

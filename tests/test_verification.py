@@ -354,7 +354,7 @@ def test_evaluate_verification_end_to_end(tmp_path):
     # the second job of the alpha sweep reads the EMD of the first from the score cache
     assert json.loads(jobs[1].read_text())["metrics"]["eval/cached_stage2"] == 1
     # the sweep report: verification columns with the jobs' figures, and the alpha curve
-    from faceemd.report import write_report
+    from faceemd.jobs.report import write_report
 
     out = write_report(tmp_path / "sweep")
     table = out["markdown"].read_text().splitlines()

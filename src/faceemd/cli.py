@@ -5,7 +5,7 @@
 ``--help`` lists the config groups. ``-v`` anywhere is ``hydra.verbose=true`` (the detail the
 console leaves out by default). ``identify`` takes its photos and ``--gallery DIR`` first:
 ``faceemd identify photo.jpg more/ --gallery people/ [overrides]``. ``align`` and ``report``
-are ``python -m faceemd.data.align`` and ``python -m faceemd.report``.
+are ``python -m faceemd.data.align`` and ``python -m faceemd.jobs.report``.
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ def _hydra(command: str, job, args: list[str]) -> None:
 def _job(command: str):
     """The job function of a Hydra command, imported only when that command runs."""
     if command == "evaluate":
-        from faceemd.evaluation import evaluate_job
+        from faceemd.jobs.evaluate import evaluate_job
 
         return evaluate_job
     if command == "train":
-        from faceemd.training import train_job
+        from faceemd.jobs.train import train_job
 
         return train_job
-    from faceemd.identify import identify
+    from faceemd.jobs.identify import identify
 
     return identify
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return align_main(rest)
     if command == "report":
-        from faceemd.report import main as report_main
+        from faceemd.jobs.report import main as report_main
 
         return report_main(rest)
     if command not in ("evaluate", "train", "identify"):

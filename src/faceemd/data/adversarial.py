@@ -28,9 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.fx.experimental.optimization import fuse
 
 from faceemd.data.attack import AttackSettings, DifferentiableInput, dodge, random_start
-from faceemd.data.manifest import Manifest
 from faceemd.data.materialised import MaterialisedFaces, source_stamps
 from faceemd.data.transforms import FaceInput
+from faceemd.storage.manifest import Manifest
 
 __all__ = ["DIFFERENTIABLE_BACKBONES", "AdversarialFaces", "weights_digest"]
 

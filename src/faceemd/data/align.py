@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from faceemd.data.folders import IMAGE_SUFFIXES, BadImageError, read_image, read_landmarks
-from faceemd.data.manifest import Manifest, landmark_list, write_image
+from faceemd.storage.manifest import Manifest, landmark_list, write_image
 
 __all__ = [
     "TEMPLATES",

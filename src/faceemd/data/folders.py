@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from faceemd.filememo import kept
+from faceemd.storage.filememo import kept
 
 __all__ = [
     "BadImageError",

@@ -23,7 +23,7 @@ import numpy as np
 
 from faceemd.console import stage_progress
 from faceemd.data.folders import BadImageError, NoFaceError, _FileFaces
-from faceemd.data.manifest import Manifest, landmark_list, write_image
+from faceemd.storage.manifest import Manifest, landmark_list, write_image
 
 __all__ = ["MaterialisedFaces", "source_stamps"]
 

@@ -62,7 +62,7 @@ def _advice(found: set[str], wanted: set[str]) -> str:
             if prefix == "backbone.":
                 return (
                     "this looks like a train.py checkpoint: evaluate its exported backbone, "
-                    "<run folder>/export/backbone.pt (python -c 'from faceemd.training import "
+                    "<run folder>/export/backbone.pt (python -c 'from faceemd.jobs.train import "
                     'export_backbone; export_backbone("<ckpt>", "backbone.pt")\' writes one), '
                     "or set backbone.strip_prefixes=[backbone.] and "
                     "backbone.ignore_keys=[head.]"

@@ -15,19 +15,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from faceemd.filememo import kept
+from faceemd.storage.atomic import atomic_write
+from faceemd.storage.filememo import kept
 
 __all__ = ["Manifest", "landmark_list", "write_image"]
 
 
 def write_image(target: Path, image: np.ndarray) -> None:
     """Write a uint8 gray or RGB image to ``target`` atomically (temporary file + rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}{target.suffix}")
     bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(str(tmp), bgr):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, target)
+    with atomic_write(target, keep_suffix=True) as tmp:
+        if not cv2.imwrite(str(tmp), bgr):
+            raise OSError(f"cannot write {target}")
 
 
 def landmark_list(points: np.ndarray) -> list[float]:

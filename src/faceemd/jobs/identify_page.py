@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from faceemd.atomic import atomic_write_text
-from faceemd.data.manifest import write_image
+from faceemd.storage.atomic import atomic_write_text
+from faceemd.storage.manifest import write_image
 
 __all__ = ["write_page"]
 

@@ -1,6 +1,6 @@
 """Collect a sweep's results into one table and the paper's alpha curve.
 
-``python -m faceemd.report <run or multirun dir> [--wandb]`` reads every ``metrics.json`` below
+``python -m faceemd.jobs.report <run or multirun dir> [--wandb]`` reads every ``metrics.json`` below
 the folder (one per job), writes ``report.csv`` (one row per job: its settings and every
 metric), ``report.md`` (the paper's layout: a row per dataset / backbone / weighting / grid /
 alpha / k, columns P@1, RP, M@R for stage 1 and stage 2 in percent; accuracy, AUC, EER for
@@ -196,7 +196,7 @@ def _log_wandb(folder: Path, rows: list[dict], columns: list[str], curve: Path |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m faceemd.report", description=__doc__.split("\n\n")[0]
+        prog="python -m faceemd.jobs.report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("folder", help="a run or multirun output folder")
     parser.add_argument("--wandb", action="store_true", help="also log the table to W&B")

@@ -8,8 +8,8 @@ import sys
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from faceemd.cache import FeatureCache
 from faceemd.emd import RerankConfig
+from faceemd.storage.feature_cache import FeatureCache
 
 __all__ = ["build_cache", "build_callbacks", "build_loggers", "finish_loggers", "rerank_config"]
 

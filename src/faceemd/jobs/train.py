@@ -23,11 +23,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
-from faceemd.checkpoint_io import AtomicCheckpointIO
 from faceemd.console import quiet_console
-from faceemd.instantiators import build_loggers, finish_loggers, rerank_config
+from faceemd.jobs.instantiators import build_loggers, finish_loggers, rerank_config
 from faceemd.models.build import build_face_input
 from faceemd.models.recognizer import FaceRecognizer
+from faceemd.storage.checkpoint_io import AtomicCheckpointIO
 
 __all__ = [
     "SaveOnInterrupt",
@@ -84,7 +84,7 @@ def check_resume_checkpoint(path: str | Path, hparams: dict | None = None) -> st
                 raise ValueError(
                     f"ckpt_path {path} holds a run with {what} {was!r}, but this run asks for "
                     f"{now!r}: resume with the checkpoint's settings, or start a new run from its "
-                    "weights (export them: faceemd.training.export_backbone, then "
+                    "weights (export them: faceemd.jobs.train.export_backbone, then "
                     "backbone.weights=<file>)"
                 )
     return str(path)

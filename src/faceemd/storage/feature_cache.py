@@ -17,11 +17,12 @@ set extracted in parts is then merged into one entry (:meth:`FeatureCache.save_m
 The jobs of a sweep launched by Hydra's basic launcher run one after another in one process;
 the sets a job loaded are kept in memory for the next job (``memo_mb``, least recently used
 first out), so a sweep reads and verifies each set once instead of once per job. A kept set is
-reused only while its file is unchanged (:mod:`faceemd.filememo`).
+reused only while its file is unchanged (:mod:`faceemd.storage.filememo`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,12 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from faceemd.emd.bank import patch_summaries
 from faceemd.features import ExtractedFeatures
-from faceemd.filememo import kept
+from faceemd.storage.atomic import TEMPORARY_MARK, atomic_write
+from faceemd.storage.filememo import kept
 
 __all__ = ["FeatureCache", "cache_key", "state_dict_digest"]
 
@@ -141,6 +144,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _entry_tensors(feats: ExtractedFeatures) -> dict[str, torch.Tensor]:
+    """The tensors of an entry (:data:`_TENSORS`) from features whose patches are in their
+    stored dtype and whose ``summaries`` are those of the stored patches."""
+    norms, means = feats.summaries
+    return {
+        "embeddings": feats.embeddings.float(),
+        "patches": feats.patches,
+        "index": feats.index.long(),
+        "landmarks": feats.landmarks.float(),
+        "patch_norms": norms,
+        "patch_means": means,
+    }
+
+
+def _entry_meta(parts: list[ExtractedFeatures], ingredients: dict | None) -> dict[str, str]:
+    """An entry's metadata (what :meth:`FeatureCache.load` reads back besides the tensors) for
+    the features of one set, whole or in ``parts``."""
+    return {
+        "grid_shape": json.dumps(list(parts[0].grid_shape)),
+        "image_size": json.dumps(list(parts[0].image_size)),
+        "skipped": str(sum(int(f.skipped) for f in parts)),
+        "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
+    }
+
+
 class FeatureCache:
     """Directory of cached feature sets.
 
@@ -169,12 +197,13 @@ class FeatureCache:
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
-        """Delete ``*.tmp-<pid>`` files whose writer is no longer running (killed writes; a
-        gallery part is gigabytes). Files of live processes are left alone."""
+        """Delete temporary files (:func:`faceemd.storage.atomic.atomic_write`) whose writer is
+        no longer running (killed writes; a gallery part is gigabytes). Files of live processes
+        are left alone."""
         if not self.root.is_dir():
             return
-        for tmp in self.root.glob("*/*.tmp-*"):
-            pid = tmp.name.rsplit(".tmp-", 1)[1]
+        for tmp in self.root.glob(f"*/.*{TEMPORARY_MARK}*"):
+            pid = tmp.name.rsplit(TEMPORARY_MARK, 1)[1]
             if pid.isdigit() and not _alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 log.info("cache: removed %s, left by a process that no longer runs", tmp)
@@ -183,26 +212,28 @@ class FeatureCache:
         return self.root / key[:2] / f"{key}.safetensors"
 
     def _write(self, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Path:
-        """Atomic write of one entry (temporary file + rename) with a SHA-256 of its tensors."""
+        """Atomic write of one entry with a SHA-256 of its tensors (the library's writer)."""
         tensors = {k: v.contiguous() for k, v in tensors.items()}
-        meta = {**meta, "key": key, "sha256": _digest(tensors)}
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata={**meta, "key": key, "sha256": _digest(tensors)})
         return path
 
     def _read(self, key: str, names: tuple[str, ...]):
-        """``(tensors, metadata)`` of an entry, or None when absent or corrupt (then removed)."""
+        """``(tensors, metadata)`` of an entry, or None when absent or corrupt (then removed).
+
+        Read into memory by the safetensors library; mapped (``mmap``) by :func:`_map_safetensors`,
+        since the library's readers return copies, never views of the file."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            arrays, meta = _read_safetensors(path, names)
+            if self.mmap:
+                arrays, meta = _map_safetensors(path, names)
+            else:
+                with safe_open(path, "numpy") as fh:
+                    meta = fh.metadata() or {}
+                    arrays = {name: fh.get_tensor(name) for name in names}
             if meta.get("key") != key:  # e.g. two entries' files swapped or copied over
                 raise ValueError(f"the file holds entry {meta.get('key')!r}, not this one")
             digest, bad = _scan(arrays, path, self.verify, _FINITE)
@@ -210,7 +241,7 @@ class FeatureCache:
                 raise ValueError("checksum mismatch")
             if bad is not None:
                 raise ValueError(f"non-finite values in {bad!r}")
-        except (ValueError, KeyError, OSError, struct.error, json.JSONDecodeError) as err:
+        except (ValueError, KeyError, OSError, struct.error, SafetensorError) as err:
             log.warning(
                 "cache: entry %s is unreadable or corrupt (%s); deleting it and computing it again",
                 path,
@@ -218,37 +249,20 @@ class FeatureCache:
             )
             path.unlink(missing_ok=True)
             return None
-        tensors = {k: _as_tensor(v) for k, v in arrays.items()}
-        if not self.mmap:
-            tensors = {k: v.clone() for k, v in tensors.items()}
-        return tensors, meta
+        return {k: _as_tensor(v) for k, v in arrays.items()}, meta
 
     def save(self, key: str, feats: ExtractedFeatures, ingredients: dict | None = None) -> Path:
         """Write the features of one image set (or part of one)."""
         patches = feats.patches.to(_STORE_DTYPES[self.dtype])
-        norms, means = patch_summaries(patches)  # of the stored values, so they match on load
-        tensors = {
-            "embeddings": feats.embeddings.float(),
-            "patches": patches,
-            "index": feats.index.long(),
-            "landmarks": feats.landmarks.float(),
-            "patch_norms": norms,
-            "patch_means": means,
-        }
-        meta = {
-            "grid_shape": json.dumps(list(feats.grid_shape)),
-            "image_size": json.dumps(list(feats.image_size)),
-            "skipped": str(int(feats.skipped)),
-            "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
-        }
-        path = self._write(key, tensors, meta)
+        stored = dataclasses.replace(feats, patches=patches, summaries=patch_summaries(patches))
+        path = self._write(key, _entry_tensors(stored), _entry_meta([feats], ingredients))
         log.debug("feature cache: wrote %s (%d images)", path, len(feats))
         return path
 
     def load(self, key: str) -> ExtractedFeatures | None:
         """The features stored under ``key``, or None (absent, or corrupt and removed); a set
         this process loaded before is taken from memory while its file is unchanged
-        (:func:`faceemd.filememo.kept`, within ``memo_mb``)."""
+        (:func:`faceemd.storage.filememo.kept`, within ``memo_mb``)."""
         try:
             return kept(
                 self.path(key),
@@ -289,16 +303,14 @@ class FeatureCache:
         """One entry for a set cached in parts (``(first position, part features)``, each as
         :meth:`load` returned it), written part by part so the set is never whole in memory: a
         mapped gallery needs one entry, since concatenating mapped parts copies them into RAM.
-        Loads like any entry written by :meth:`save`."""
-        first = parts[0][1]
+        The safetensors library writes only whole tensors, so this writes the format itself
+        (little-endian u64 header length, JSON header, data in name order). Loads like any
+        entry written by :meth:`save`."""
         arrays = {name: [] for name in _TENSORS}
         for start, f in parts:
-            arrays["embeddings"].append(f.embeddings.numpy())
-            arrays["patches"].append(f.patches.numpy())
-            arrays["index"].append((f.index + start).numpy())
-            arrays["landmarks"].append(f.landmarks.numpy())
-            arrays["patch_norms"].append(f.summaries[0].numpy())
-            arrays["patch_means"].append(f.summaries[1].numpy())
+            shifted = dataclasses.replace(f, index=f.index + start)
+            for name, tensor in _entry_tensors(shifted).items():
+                arrays[name].append(tensor.numpy())
         header, offset = {}, 0
         for name in sorted(arrays):  # data in name order, as the checksum reads it
             pieces = arrays[name]
@@ -311,16 +323,7 @@ class FeatureCache:
                 "data_offsets": [offset, offset + nbytes],
             }
             offset += nbytes
-        meta = {
-            "grid_shape": json.dumps(list(first.grid_shape)),
-            "image_size": json.dumps(list(first.image_size)),
-            "skipped": str(sum(int(f.skipped) for _, f in parts)),
-            "ingredients": json.dumps(ingredients or {}, sort_keys=True, default=str),
-            "key": key,
-        }
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        meta = {**_entry_meta([f for _, f in parts], ingredients), "key": key}
 
         def head(sha: str) -> bytes:
             blob = json.dumps({**header, "__metadata__": {**meta, "sha256": sha}}).encode()
@@ -328,22 +331,19 @@ class FeatureCache:
             return struct.pack("<Q", len(blob)) + blob
 
         digest = hashlib.sha256()
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(head("0" * 64))  # same length as the real digest, written at the end
-                for name in sorted(arrays):
-                    pieces = arrays[name]
-                    shape = (header[name]["shape"][0], *pieces[0].shape[1:])
-                    digest.update(f"{name}:{pieces[0].dtype.str}:{shape}".encode())
-                    for piece in pieces:
-                        for block in _blocks(np.ascontiguousarray(piece)):
-                            digest.update(block)
-                            fh.write(block)
-                fh.seek(0)
-                fh.write(head(digest.hexdigest()))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        path = self.path(key)
+        with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(head("0" * 64))  # same length as the real digest, written at the end
+            for name in sorted(arrays):
+                pieces = arrays[name]
+                shape = (header[name]["shape"][0], *pieces[0].shape[1:])
+                digest.update(f"{name}:{pieces[0].dtype.str}:{shape}".encode())
+                for piece in pieces:
+                    for block in _blocks(np.ascontiguousarray(piece)):
+                        digest.update(block)
+                        fh.write(block)
+            fh.seek(0)
+            fh.write(head(digest.hexdigest()))
         log.debug("feature cache: merged %d parts into %s", len(parts), path)
         return path
 
@@ -361,11 +361,12 @@ class FeatureCache:
         return entry[0]["emd"]
 
 
-def _read_safetensors(
+def _map_safetensors(
     path: Path, names: tuple[str, ...]
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Memory-map every tensor of a safetensors file (format: u64 header length, JSON header,
-    raw little-endian data); raises ValueError on a truncated or malformed file."""
+    """Memory-map the tensors ``names`` of a safetensors file (format: u64 header length, JSON
+    header, raw little-endian data) as numpy memmaps; raises ValueError on a truncated or
+    malformed file."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))

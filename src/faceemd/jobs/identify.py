@@ -16,7 +16,7 @@ db_path)``), done with the two-stage method:
   ``unknown`` (the threshold of each backbone config comes from a measured verification run,
   see its ``unknown_threshold`` comment).
 
-Writes ``identify.json`` and ``identify.html`` (:mod:`faceemd.identify_page`) into the run
+Writes ``identify.json`` and ``identify.html`` (:mod:`faceemd.jobs.identify_page`) into the run
 folder and prints a table per query face.
 """
 
@@ -33,7 +33,6 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from faceemd.atomic import write_json
 from faceemd.console import quiet_console
 from faceemd.data.align import align_face, resolve_template
 from faceemd.data.aligned import AlignedFaces
@@ -47,10 +46,11 @@ from faceemd.data.folders import (
     read_image,
 )
 from faceemd.emd import two_stage_rank
-from faceemd.extraction import load_or_extract
-from faceemd.identify_page import write_page
-from faceemd.instantiators import build_cache, rerank_config
+from faceemd.jobs.extraction import load_or_extract
+from faceemd.jobs.identify_page import write_page
+from faceemd.jobs.instantiators import build_cache, rerank_config
 from faceemd.models.build import build_backbone, build_face_input
+from faceemd.storage.atomic import write_json
 from faceemd.visualize import flow_picture, match_flow
 
 __all__ = ["QUERY_LABEL", "DetectedFaces", "gallery_faces", "identify", "query_photos"]

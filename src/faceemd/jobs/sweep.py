@@ -19,7 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from faceemd.filememo import kept
+from faceemd.storage.filememo import kept
 
 __all__ = ["swept_values"]
 

@@ -16,16 +16,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
-from faceemd.cache import FeatureCache, cache_key, state_dict_digest
 from faceemd.callbacks import FeatureCollector
 from faceemd.console import LabelledProgressBar
 from faceemd.emd import nonfinite_rows
 from faceemd.features import ExtractedFeatures
-from faceemd.instantiators import build_callbacks
+from faceemd.jobs.instantiators import build_callbacks
 from faceemd.models.extractor import FaceFeatureExtractor
 from faceemd.models.inference import prepare_for_inference
+from faceemd.storage.feature_cache import FeatureCache, cache_key, state_dict_digest
 
-__all__ = ["Part", "check_features", "feature_ingredients", "load_or_extract"]
+__all__ = ["Part", "check_features", "feature_ingredients", "load_or_extract", "skipped_images"]
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +226,17 @@ def _merge_parts(cache: FeatureCache, key: str, own: list[Part], got: dict, extr
         parts.append((u.start, part))
     cache.save_merged(key, parts, {"parts": [u.key for u in own]})
     return cache.load(key)
+
+
+def skipped_images(feats: dict[str, ExtractedFeatures], sets: dict) -> dict[str, list[str]]:
+    """Names of the images each set skipped: those that could not be made into the set (no
+    face found for an alignment or an overlay: ``"<source image>: <reason>"``) and those
+    unreadable at extraction (positions without a feature row)."""
+    out = {}
+    for name, f in feats.items():
+        faces = sets[name]
+        missing = sorted(set(range(len(faces))) - set(f.index.tolist()))
+        files = getattr(faces, "files", None)
+        out[name] = [rel for rel, _ in getattr(faces, "skip_list", [])]
+        out[name] += [files[i] if files is not None else f"#{i}" for i in missing]
+    return out

@@ -4,18 +4,19 @@ Lightning's ``TorchCheckpointIO`` writes through an fsspec transaction whose tem
 lies in the system's temporary folder; committing it to the checkpoint folder on another file
 system is a copy onto the final name, so a full disk during that copy leaves a truncated
 ``last.ckpt`` and the last good resume point is gone. :class:`AtomicCheckpointIO` writes the
-temporary file in the checkpoint's own folder and renames it (``os.replace``, atomic on one
-file system): a failed write leaves the previous checkpoint as it was and no temporary file.
+temporary file in the checkpoint's own folder and renames it
+(:func:`faceemd.storage.atomic.atomic_write`, atomic on one file system): a failed write
+leaves the previous checkpoint as it was and no temporary file.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from faceemd.storage.atomic import atomic_write
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -28,11 +29,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
+        with atomic_write(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
