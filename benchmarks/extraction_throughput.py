@@ -37,7 +37,11 @@ from faceemd.data.datamodule import PreparedFaces  # noqa: E402
 from faceemd.data.train_datamodule import FaceSubset  # noqa: E402
 from faceemd.jobs.extraction import load_or_extract  # noqa: E402
 from faceemd.models.build import build_backbone, build_face_input  # noqa: E402
-from faceemd.models.inference import RUNTIMES, prepare_for_inference  # noqa: E402
+from faceemd.models.inference import (  # noqa: E402
+    RUNTIMES,
+    ExtractionSettings,
+    prepare_for_inference,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,11 +127,13 @@ def main() -> None:
     shape = tuple(x.shape[1:])
     loops = {"NCHW as loaded": bare(backbone, x, batch, args.repeats)}
     if any(True for _ in backbone.parameters()):
-        cl = prepare_for_inference(backbone, shape, fold_batchnorm=False, channels_last=True)
+        cl = prepare_for_inference(
+            backbone, shape, ExtractionSettings("torch", fold_batchnorm=False)
+        )
         loops["channels_last"] = bare(cl, x, batch, args.repeats)
-        folded = prepare_for_inference(backbone, shape)
+        folded = prepare_for_inference(backbone, shape, ExtractionSettings("torch"))
         loops["folded + channels_last"] = bare(folded, x, batch, args.repeats)
-        ort = prepare_for_inference(backbone, shape, runtime="onnxruntime")
+        ort = prepare_for_inference(backbone, shape, ExtractionSettings("onnxruntime"))
         loops["onnxruntime"] = bare(ort, x, batch, args.repeats)
     best_name = max(loops, key=loops.get)
     diff = max(

@@ -155,7 +155,7 @@ def converged_public(queries, centres, gallery_t, gallery_centres, candidates, e
     engine's solver (tol 1e-7, up to 5,000 iterations): the reference its early stop is
     compared with. Returns ``(Q, k)`` similarities."""
     out = []
-    settings = SinkhornSettings(eps=eps, max_iter=5000, tol=1e-7, backend="torch")
+    settings = SinkhornSettings(eps=eps, max_iter=5000, tol=1e-7, backend="torch", eps_start=None)
     for q, qc, idx in zip(queries, centres, candidates, strict=True):
         sim, u, v = _public_problems(q, qc, gallery_t[idx].float(), gallery_centres[idx])
         out.append(solve(sim, u, v, settings).similarity)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from faceemd.callbacks import RerankEvaluation
 from faceemd.data.transforms import FaceInput
@@ -108,6 +109,25 @@ def test_rerank_yaml_and_dataclass_share_their_defaults(compose_evaluate):
     assert set(cfg.rerank) == set(defaults)
     for name, value in cfg.rerank.items():
         assert value == defaults[name], name
+
+
+@pytest.mark.parametrize(
+    "group, settings",
+    [
+        ("cache", "faceemd.storage.feature_cache.CacheSettings"),
+        ("extraction", "faceemd.models.inference.ExtractionSettings"),
+    ],
+)
+def test_settings_yaml_and_dataclass_share_their_defaults(compose_evaluate, group, settings):
+    """The cache and extraction groups list exactly their dataclass's fields and defaults."""
+    import dataclasses
+
+    from hydra.utils import get_class
+
+    cfg = compose_evaluate([])
+    defaults = {f.name: f.default for f in dataclasses.fields(get_class(settings))}
+    values = OmegaConf.to_container(cfg[group], resolve=True)
+    assert values == defaults
 
 
 def test_config_tree_has_expected_groups():

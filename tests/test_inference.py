@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from faceemd.models.backbones import ArcFaceResNet18, FaceBackbone, MobileFaceNet, TinyFaceNet
-from faceemd.models.inference import RUNTIMES, prepare_for_inference
+from faceemd.models.inference import RUNTIMES, ExtractionSettings, prepare_for_inference
 
 TOL = 1e-4
 
@@ -48,7 +48,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_prepared_backbone_matches_original(make, shape, runtime):
     torch.manual_seed(0)
     net = _trained_stats(make())
-    prepared = prepare_for_inference(net, shape, runtime=runtime)
+    prepared = prepare_for_inference(net, shape, ExtractionSettings(runtime))
     assert prepared is not net
     x = torch.randn(5, *shape)  # another batch size than the probe's
     with torch.inference_mode():
@@ -67,9 +67,12 @@ def test_nothing_to_prepare_returns_the_backbone():
             return x, x.mean((2, 3))
 
     net = NoParams()
-    assert prepare_for_inference(net, (3, 8, 8), runtime="onnxruntime") is net
+    assert prepare_for_inference(net, (3, 8, 8), ExtractionSettings("onnxruntime")) is net
     plain = _trained_stats(TinyFaceNet())
-    assert prepare_for_inference(plain, (1, 64, 64), "torch", False, False) is plain
+    assert (
+        prepare_for_inference(plain, (1, 64, 64), ExtractionSettings("torch", False, False))
+        is plain
+    )
 
 
 def test_untraceable_backbone_still_runs_unfolded():
@@ -86,7 +89,7 @@ def test_untraceable_backbone_still_runs_unfolded():
             return y, y.mean((2, 3))
 
     net = _trained_stats(Branchy())
-    prepared = prepare_for_inference(net, (3, 16, 16), runtime="torch")
+    prepared = prepare_for_inference(net, (3, 16, 16), ExtractionSettings("torch"))
     x = torch.randn(3, 3, 16, 16)
     with torch.inference_mode():
         assert _rel(prepared(x).grid, net(x).grid) < TOL
@@ -95,7 +98,7 @@ def test_untraceable_backbone_still_runs_unfolded():
 
 def test_unknown_runtime_is_refused():
     with pytest.raises(ValueError, match="extraction.runtime"):
-        prepare_for_inference(TinyFaceNet(), (1, 64, 64), runtime="tensorrt")
+        prepare_for_inference(TinyFaceNet(), (1, 64, 64), ExtractionSettings("tensorrt"))
 
 
 @pytest.mark.parametrize("layout", ["tensor", "axis", "block"])
@@ -185,7 +188,7 @@ def test_users_module_runs_through_the_default_extraction_path(runtime):
 
     torch.manual_seed(0)
     backbone = TorchBackbone(_UsersNet(), grid_layer="conv256_down_out").eval()
-    prepared = prepare_for_inference(backbone, (3, 20, 20), runtime=runtime)
+    prepared = prepare_for_inference(backbone, (3, 20, 20), ExtractionSettings(runtime))
     x = torch.randn(3, 3, 20, 20)
     with torch.inference_mode():
         want, got = backbone(x), prepared(x)

@@ -5,8 +5,8 @@
 ``cost_dtype``, ``query_batch``, ``chunk_size``). :class:`RerankConfig` is the flat record
 ``conf/rerank/emd.yaml`` fills field by field; the functions below it take only their part.
 
-The dataclass holds the only defaults: the YAML file lists the same values (a test keeps
-them equal). Fields marked ``scores=False`` do not change stage-2 EMD similarities, so the
+The dataclasses hold the only defaults (the Sinkhorn ones are :class:`SinkhornSettings`'s):
+the YAML file lists the same values (a test keeps them equal). Fields marked ``scores=False`` do not change stage-2 EMD similarities, so the
 score cache key (:meth:`RerankConfig.score_settings`) is every other field.
 """
 
@@ -80,13 +80,13 @@ class RerankConfig:
     blend: str = _no_score_effect("linear")
     weighting: str = "apc"
     solver: str = "sinkhorn"
-    eps: float = 0.02
-    max_iter: int = 2000
-    tol: float = 1e-3
-    check_every: int = 10
-    log_domain: bool = False
-    backend: str = "auto"
-    eps_start: float | None = 0.04
+    eps: float = SinkhornSettings.eps
+    max_iter: int = SinkhornSettings.max_iter
+    tol: float = SinkhornSettings.tol
+    check_every: int = SinkhornSettings.check_every
+    log_domain: bool = SinkhornSettings.log_domain
+    backend: str = SinkhornSettings.backend
+    eps_start: float | None = SinkhornSettings.eps_start
     cost_dtype: str = "float32"
     query_batch: int | None = _no_score_effect(None)
     chunk_size: int = _no_score_effect(16384)

@@ -25,7 +25,13 @@ from faceemd.data.datamodule import VerificationDataModule
 from faceemd.jobs.checks import check_job_settings, optimized_metric
 from faceemd.jobs.extraction import load_or_extract, skipped_images
 from faceemd.jobs.figures import log_figures, render_figures
-from faceemd.jobs.instantiators import build_cache, build_loggers, finish_loggers, rerank_config
+from faceemd.jobs.instantiators import (
+    build_cache,
+    build_loggers,
+    cache_settings,
+    finish_loggers,
+    rerank_config,
+)
 from faceemd.jobs.pair_scores import verify, write_pair_scores
 from faceemd.jobs.sweep import swept_values
 from faceemd.jobs.tables import print_results
@@ -83,7 +89,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         else:
             # every process ranks its block of queries (one block without a process group)
             r_counts_query = bool((cfg.get("metrics") or {}).get("r_counts_query", False))
-            share = (cfg.get("cache") or {}).get("sweep_weightings", True)
+            share = cache_settings(cfg.get("cache")).sweep_weightings
             others = swept_values("rerank.weighting") if share else []
             scores = ScoreCache(cache, feats, rerank, (query, gallery), others)
             keys = [f.key for f in feats.values()]

@@ -20,7 +20,7 @@ from faceemd.callbacks import FeatureCollector
 from faceemd.console import LabelledProgressBar
 from faceemd.emd import nonfinite_rows
 from faceemd.features import ExtractedFeatures
-from faceemd.jobs.instantiators import build_callbacks
+from faceemd.jobs.instantiators import build_callbacks, cache_settings, extraction_settings
 from faceemd.models.extractor import FaceFeatureExtractor
 from faceemd.models.inference import prepare_for_inference
 from faceemd.storage.feature_cache import FeatureCache, cache_key, state_dict_digest
@@ -131,7 +131,8 @@ def load_or_extract(
     sets = {"query": datamodule.query}
     if not datamodule.same_images:
         sets["gallery"] = datamodule.gallery
-    chunk = int((cfg.get("cache") or {}).get("chunk_images", 0) or 0)
+    settings = cache_settings(cfg.get("cache"))
+    chunk = settings.chunk_images if cache is not None else 0
     digest = state_dict_digest(backbone) if cache else ""
     units: list[Part] = []
     for name, faces in sets.items():
@@ -143,7 +144,7 @@ def load_or_extract(
                 cfg.backbone,
                 cache.dtype,
                 datamodule.face_input.warp,
-                bool(cfg.cache.get("content_hash", False)),
+                settings.content_hash,
             )
         for a, b in _parts(len(faces), chunk):
             part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None
@@ -169,13 +170,10 @@ def load_or_extract(
             bar = LabelledProgressBar()
             callbacks.append(bar)
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-        prep = cfg.get("extraction") or {}
         net = prepare_for_inference(
             backbone,
             (int(cfg.backbone.input.channels), *map(int, cfg.backbone.input.size)),
-            runtime=str(prep.get("runtime", "torch")),
-            fold_batchnorm=bool(prep.get("fold_batchnorm", True)),
-            channels_last=bool(prep.get("channels_last", True)),
+            extraction_settings(cfg.get("extraction")),
         )
         extractor = FaceFeatureExtractor(net, flip=cfg.backbone.flip_test)
         for u in missing:

@@ -1,5 +1,5 @@
-"""Building the configured parts that both jobs use (``evaluate.py`` and ``train.py``): loggers,
-extra Lightning callbacks, the rerank settings and the feature cache; and closing W&B."""
+"""Building the configured parts the jobs share: loggers, extra Lightning callbacks, the rerank,
+cache and extraction settings and the feature cache; and closing W&B."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from faceemd.emd import RerankConfig
-from faceemd.storage.feature_cache import FeatureCache
+from faceemd.models.inference import ExtractionSettings
+from faceemd.storage.feature_cache import CacheSettings, FeatureCache
 
-__all__ = ["build_cache", "build_callbacks", "build_loggers", "finish_loggers", "rerank_config"]
+__all__ = [
+    "build_cache",
+    "build_callbacks",
+    "build_loggers",
+    "cache_settings",
+    "extraction_settings",
+    "finish_loggers",
+    "rerank_config",
+]
 
 
 def build_loggers(cfg: DictConfig | None) -> list:
@@ -39,14 +48,19 @@ def rerank_config(cfg: DictConfig) -> RerankConfig:
     return RerankConfig(**OmegaConf.to_container(cfg, resolve=True))
 
 
+def cache_settings(cfg: DictConfig | None) -> CacheSettings:
+    """CacheSettings from the ``cache`` group; no group: the cache off."""
+    if not cfg:
+        return CacheSettings(enabled=False)
+    return CacheSettings(**OmegaConf.to_container(cfg, resolve=True))
+
+
+def extraction_settings(cfg: DictConfig | None) -> ExtractionSettings:
+    """ExtractionSettings from the ``extraction`` group (its defaults when absent)."""
+    return ExtractionSettings(**OmegaConf.to_container(cfg, resolve=True) if cfg else {})
+
+
 def build_cache(cfg: DictConfig | None) -> FeatureCache | None:
     """The feature cache of the ``cache`` group, or None when disabled."""
-    if not cfg or not cfg.get("enabled", False):
-        return None
-    return FeatureCache(
-        cfg.dir,
-        dtype=cfg.dtype,
-        mmap=cfg.mmap,
-        verify=cfg.verify,
-        memo_mb=int(cfg.get("memo_mb", 0) or 0),
-    )
+    settings = cache_settings(cfg)
+    return FeatureCache.from_settings(settings) if settings.enabled else None

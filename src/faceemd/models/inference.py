@@ -20,6 +20,7 @@ import copy
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from torch.fx.experimental.optimization import fuse
 from faceemd.models.backbones.base import BackboneOutput
 from faceemd.models.backbones.onnx_model import OnnxBackbone
 
-__all__ = ["RUNTIMES", "InferenceBackbone", "prepare_for_inference"]
+__all__ = ["RUNTIMES", "ExtractionSettings", "InferenceBackbone", "prepare_for_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -58,27 +59,43 @@ class InferenceBackbone(nn.Module):
 RUNTIMES = ("torch", "onnxruntime")
 
 
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How a torch backbone runs during feature extraction: the ``extraction`` group
+    (``conf/extraction/default.yaml`` lists the same values; a test keeps them equal).
+
+    runtime: ``'onnxruntime'`` (exported in memory; falls back to ``'torch'`` with a log line
+    when the export fails) or ``'torch'``. With ``'torch'``: fold_batchnorm folds each
+    eval-mode BatchNorm into the convolution before it (``torch.fx``; a network fx cannot trace
+    is kept unfolded, with a log line); channels_last runs it in NHWC layout. The features
+    agree to float32 rounding either way, so none of this is part of the cache key.
+    """
+
+    runtime: str = "onnxruntime"
+    fold_batchnorm: bool = True
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"extraction.runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+
+
 def prepare_for_inference(
     backbone: nn.Module,
     input_shape: tuple[int, int, int],
-    runtime: str = "torch",
-    fold_batchnorm: bool = True,
-    channels_last: bool = True,
+    settings: ExtractionSettings = ExtractionSettings(),
 ) -> nn.Module:
     """An inference copy of ``backbone`` (the original is left untouched), or ``backbone``
     itself when there is nothing to prepare (no parameters: ONNX models already run in
     onnxruntime) or the preparation fails its check.
 
-    input_shape: ``(C, H, W)`` of one input image (the probe batch). runtime: ``'torch'`` or
-    ``'onnxruntime'`` (CPU; falls back to ``'torch'`` with a log line when the export fails).
-    With ``'torch'``: fold_batchnorm folds each eval-mode BatchNorm into the convolution before
-    it (``torch.fx``; a network fx cannot trace is kept unfolded, with a log line);
-    channels_last runs it in NHWC layout. The prepared network is checked against the original
-    on a random probe batch; past :data:`PROBE_TOLERANCE` it is not used (log line) and the
-    original runs instead.
+    input_shape: ``(C, H, W)`` of one input image (the probe batch). settings: the runtime and
+    its options (:class:`ExtractionSettings`). The prepared network is checked against the
+    original on a random probe batch; past :data:`PROBE_TOLERANCE` it is not used (log line)
+    and the original runs instead.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"extraction.runtime must be one of {RUNTIMES}, got {runtime!r}")
+    runtime = settings.runtime
+    fold_batchnorm, channels_last = settings.fold_batchnorm, settings.channels_last
     if not any(True for _ in backbone.parameters()):
         return backbone
     param = next(backbone.parameters())

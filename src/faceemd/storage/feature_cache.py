@@ -29,6 +29,7 @@ import logging
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ from faceemd.features import ExtractedFeatures
 from faceemd.storage.atomic import TEMPORARY_MARK, atomic_write
 from faceemd.storage.filememo import kept
 
-__all__ = ["FeatureCache", "cache_key", "state_dict_digest"]
+__all__ = ["CacheSettings", "FeatureCache", "cache_key", "state_dict_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,38 @@ FORMAT_VERSION = 2
 _TENSORS = ("embeddings", "patches", "index", "landmarks", "patch_norms", "patch_means")
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 _STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The ``cache`` group (``conf/cache/disk.yaml`` lists the same values; a test keeps them
+    equal): the only source of its defaults.
+
+    enabled: use the cache (``cache=off``: every job extracts). dir: its folder. dtype, mmap,
+    verify, memo_mb: see :class:`FeatureCache`. sweep_weightings: in a sweep over
+    ``rerank.weighting`` the first job scores every swept weighting and caches them
+    (:class:`faceemd.storage.score_cache.ScoreCache`). chunk_images: images per cached part (a
+    killed extraction resumes at the first missing part; 0: one part). content_hash: key image
+    folders by their files' bytes instead of sizes and times.
+    """
+
+    enabled: bool = True
+    dir: str = "outputs/cache"
+    dtype: str = "float32"
+    mmap: bool = False
+    memo_mb: int = 4096
+    sweep_weightings: bool = True
+    verify: bool = True
+    chunk_images: int = 20000
+    content_hash: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _STORE_DTYPES:
+            raise ValueError(
+                f"cache dtype must be one of {list(_STORE_DTYPES)}, got {self.dtype!r}"
+            )
+        if int(self.chunk_images) < 0 or int(self.memo_mb) < 0:
+            raise ValueError("cache.chunk_images and cache.memo_mb must be >= 0")
 
 
 def state_dict_digest(module: nn.Module) -> str:
@@ -182,19 +215,22 @@ class FeatureCache:
     def __init__(
         self,
         root: str | Path,
-        dtype: str = "float32",
-        mmap: bool = False,
-        verify: bool = True,
-        memo_mb: int = 0,
+        dtype: str = CacheSettings.dtype,
+        mmap: bool = CacheSettings.mmap,
+        verify: bool = CacheSettings.verify,
+        memo_mb: int = CacheSettings.memo_mb,
     ) -> None:
-        if dtype not in _STORE_DTYPES:
-            raise ValueError(f"cache dtype must be one of {list(_STORE_DTYPES)}, got {dtype!r}")
+        CacheSettings(dtype=dtype)  # validates
         self.root = Path(root)
         self.dtype = dtype
         self.mmap = mmap
         self.verify = verify
         self.memo_bytes = max(0, int(memo_mb)) << 20
         self._remove_stale_temporaries()
+
+    @classmethod
+    def from_settings(cls, settings: CacheSettings) -> FeatureCache:
+        return cls(settings.dir, settings.dtype, settings.mmap, settings.verify, settings.memo_mb)
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temporary files (:func:`faceemd.storage.atomic.atomic_write`) whose writer is
