@@ -177,7 +177,7 @@ def test_own_originals_map_each_query_to_its_clean_file(tmp_path):
     import cv2
 
     from faceemd.data.datamodule import IdentificationDataModule
-    from faceemd.data.folders import ImageFolderFaces
+    from faceemd.data.layouts import ImageFolderFaces
 
     faces = SyntheticFaces(num_identities=3, images_per_identity=4)
     for i in range(len(faces)):

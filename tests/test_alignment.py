@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 
 from faceemd.data.align import TEMPLATES, align_face, align_folder, five_points, umeyama
-from faceemd.data.folders import (
-    read_image,
-)
+from faceemd.data.decoding import read_image
 
 from .conftest import SHARED
 
@@ -75,7 +73,7 @@ def test_align_command_on_raw_sample_matches_shared_aligned_faces(tmp_path):
 
 @needs_pfld
 def test_onnx_landmarks_agree_with_the_distributed_annotations():
-    from faceemd.data.folders import read_landmarks
+    from faceemd.data.faceset import read_landmarks
     from faceemd.data.landmarks import OnnxLandmarker
 
     root = SHARED / "data" / "lfw" / "align-112x96"
@@ -120,7 +118,7 @@ def test_central_face_prefers_a_large_face_near_the_centre():
 
 def test_detector_reports_a_photo_without_a_face():
     from faceemd.data.detection import YuNetDetector
-    from faceemd.data.folders import NoFaceError
+    from faceemd.data.errors import NoFaceError
 
     noise = np.random.default_rng(0).integers(0, 255, (120, 100, 3), np.uint8)
     with pytest.raises(NoFaceError, match=r"no face found \(YuNet, score >= 0.6\) in a 100x120"):
@@ -145,7 +143,8 @@ def _photo_tree(root, n=3):
 
 def test_aligned_faces_from_annotations_are_exact_resumable_and_report_misses(tmp_path):
     from faceemd.data.aligned import AlignedFaces
-    from faceemd.data.folders import ImageFolderFaces, read_landmarks
+    from faceemd.data.faceset import read_landmarks
+    from faceemd.data.layouts import ImageFolderFaces
 
     src = tmp_path / "src"
     _photo_tree(src)
@@ -190,7 +189,8 @@ def test_aligned_faces_from_annotations_are_exact_resumable_and_report_misses(tm
 
 def test_aligned_faces_with_the_detector_list_photos_without_a_face(tmp_path):
     from faceemd.data.aligned import AlignedFaces
-    from faceemd.data.folders import ImageFolderFaces, NoFaceError
+    from faceemd.data.errors import NoFaceError
+    from faceemd.data.layouts import ImageFolderFaces
 
     src = tmp_path / "src"
     _photo_tree(src, n=2)  # noise: no face anywhere
@@ -203,7 +203,8 @@ def test_aligned_faces_with_the_detector_list_photos_without_a_face(tmp_path):
 
 
 def test_cfp_fiducials_give_five_points_by_mirroring_the_labelled_half(tmp_path):
-    from faceemd.data.folders import CfpFaces, NoFaceError
+    from faceemd.data.errors import NoFaceError
+    from faceemd.data.layouts import CfpFaces
 
     for pose in ("frontal", "profile"):
         (tmp_path / "Data" / "Images" / "001" / pose).mkdir(parents=True)
@@ -230,7 +231,7 @@ def test_detected_alignment_of_raw_lfw_is_close_to_the_distributed_faces():
     from the distributed aligned faces by 17 grey levels on average (bound 25), where the
     distributed points themselves give 3 (the raw sample is a downscaled copy)."""
     from faceemd.data.detection import YuNetDetector
-    from faceemd.data.folders import read_landmarks
+    from faceemd.data.faceset import read_landmarks
 
     detector = YuNetDetector()
     errors, diffs = [], []
@@ -251,7 +252,7 @@ def test_cfp_fiducial_points_agree_with_the_detector():
     """On every 100th frontal CFP photo the fiducial-derived points lie within 20% of the eye
     distance of YuNet's on average (measured: 9% on every 50th)."""
     from faceemd.data.detection import YuNetDetector
-    from faceemd.data.folders import CfpFaces
+    from faceemd.data.layouts import CfpFaces
 
     faces, detector = CfpFaces(CFP, "frontal"), YuNetDetector()
     errors = []

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from faceemd.data.folders import read_image
+from faceemd.data.decoding import read_image
 from faceemd.data.transforms import FaceInput
 from faceemd.models.backbones import (
     ArcFaceResNet18,

@@ -202,7 +202,7 @@ def test_content_hash_key_notices_a_same_size_same_time_replacement(tmp_path):
     import cv2
     import numpy as np
 
-    from faceemd.data.folders import ImageFolderFaces
+    from faceemd.data.layouts import ImageFolderFaces
 
     (tmp_path / "P").mkdir()
     img = tmp_path / "P" / "P_0001.bmp"  # uncompressed: same size whatever the pixels

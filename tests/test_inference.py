@@ -111,7 +111,7 @@ def test_weight_dequantization_folds_to_what_onnxruntime_computes(layout):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from faceemd.models.backbones.onnx_model import fold_weight_dequantization
+    from faceemd.models.backbones.onnx_graph import fold_weight_dequantization
 
     rng = np.random.default_rng(0)
     q = rng.integers(-127, 128, (6, 8), dtype=np.int8)  # 6 output x 8 input channels (1x1)

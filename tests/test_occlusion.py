@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from faceemd.data.folders import ImageFolderFaces, ImageListFaces
+from faceemd.data.layouts import ImageFolderFaces, ImageListFaces
 from faceemd.data.occluded import OccludedFaces
 from faceemd.data.occlusion import random_crop
 from faceemd.data.synthetic import SyntheticFaces

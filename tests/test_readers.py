@@ -9,14 +9,9 @@ import pytest
 import torch
 
 from faceemd.data.datamodule import IdentificationDataModule
-from faceemd.data.folders import (
-    BadImageError,
-    CfpFaces,
-    FlatFolderFaces,
-    ImageFolderFaces,
-    ImageListFaces,
-    read_image,
-)
+from faceemd.data.decoding import read_image
+from faceemd.data.errors import BadImageError
+from faceemd.data.layouts import CfpFaces, FlatFolderFaces, ImageFolderFaces, ImageListFaces
 from faceemd.data.synthetic import SyntheticFaces
 from faceemd.data.transforms import FaceInput
 
@@ -220,7 +215,7 @@ def test_parsed_files_are_reused_only_while_unchanged(tmp_path):
     dict do not reach the next caller."""
     import os
 
-    from faceemd.data.folders import read_landmarks
+    from faceemd.data.faceset import read_landmarks
     from faceemd.storage.manifest import Manifest
 
     tsv = tmp_path / "landmarks68.tsv"

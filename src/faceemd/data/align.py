@@ -26,7 +26,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from faceemd.data.folders import IMAGE_SUFFIXES, BadImageError, read_image, read_landmarks
+from faceemd.data.decoding import IMAGE_SUFFIXES, read_image
+from faceemd.data.errors import BadImageError
+from faceemd.data.faceset import read_landmarks
 from faceemd.storage.manifest import Manifest, landmark_list, write_image
 
 __all__ = [

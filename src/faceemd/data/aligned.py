@@ -22,7 +22,7 @@ import numpy as np
 
 from faceemd.data.align import TEMPLATES, align_face, five_points, resolve_template
 from faceemd.data.detection import YuNetDetector
-from faceemd.data.folders import NoFaceError
+from faceemd.data.errors import NoFaceError
 from faceemd.data.landmarks import OnnxLandmarker, plausible_landmarks
 from faceemd.data.materialised import MaterialisedFaces
 

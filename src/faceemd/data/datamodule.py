@@ -2,7 +2,7 @@
 set of images and the pairs over it), prepared for one backbone.
 
 ``query`` and ``gallery`` are any face sets whose items are ``(image, identity name,
-landmarks)`` (:mod:`faceemd.data.synthetic`, :mod:`faceemd.data.folders`). With
+landmarks)`` (:mod:`faceemd.data.synthetic`, :mod:`faceemd.data.layouts`). With
 ``gallery=None`` the query set is its own gallery and each query's own image is excluded from
 its ranking (LFW protocol). Identity names of both sets share one integer vocabulary.
 Loaders yield dicts ``image (B, C, h, w)``, ``label (B,)``, ``index (B,)`` (position in its set),

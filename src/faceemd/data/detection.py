@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from faceemd.data.folders import NoFaceError
+from faceemd.data.errors import NoFaceError
 
 __all__ = ["YUNET_FILE", "YuNetDetector", "central_face", "packaged_yunet"]
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from faceemd.console import stage_progress
-from faceemd.data.folders import BadImageError, NoFaceError, _FileFaces
+from faceemd.data.errors import BadImageError, NoFaceError
+from faceemd.data.faceset import FileFaces
 from faceemd.storage.manifest import Manifest, landmark_list, write_image
 
 __all__ = ["MaterialisedFaces", "source_stamps"]
@@ -31,9 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def source_stamps(source) -> list[str] | None:
-    """``size:mtime_ns`` of each of ``source``'s files (:meth:`_FileFaces.stamps`), or None for
+    """``size:mtime_ns`` of each of ``source``'s files (:meth:`FileFaces.stamps`), or None for
     a generated source: what a made set's manifest checks each entry against."""
-    return source.stamps() if isinstance(source, _FileFaces) else None
+    return source.stamps() if isinstance(source, FileFaces) else None
 
 
 @functools.lru_cache(maxsize=1 << 20)
@@ -59,7 +60,7 @@ def _distinct(rels: list[str], files: list[str] | None) -> list[str]:
     ]
 
 
-class MaterialisedFaces(_FileFaces):
+class MaterialisedFaces(FileFaces):
     """Base of the file-backed sets made from ``source``; subclasses implement :meth:`make`.
 
     source: a face set whose items are ``(image, name, landmarks)``; recipe: JSON-able dict

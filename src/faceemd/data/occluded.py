@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from faceemd.data.folders import NoFaceError
+from faceemd.data.errors import NoFaceError
 from faceemd.data.landmarks import OnnxLandmarker, plausible_landmarks
 from faceemd.data.materialised import MaterialisedFaces, source_stamps
 from faceemd.data.occlusion import OCCLUSIONS, apply_occlusion

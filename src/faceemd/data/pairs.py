@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from faceemd.data.folders import IMAGE_SUFFIXES, LABEL_PATTERNS, MAX_PIXELS, _FileFaces
+from faceemd.data.decoding import IMAGE_SUFFIXES, MAX_PIXELS
+from faceemd.data.errors import BadImageError
+from faceemd.data.faceset import LABEL_PATTERNS, FileFaces
 
-__all__ = ["LAYOUTS", "PairFaces", "Pairs", "pairs_of"]
+__all__ = ["LAYOUTS", "PairFaces", "Pairs", "images_in_pairs", "pairs_of"]
 
 LAYOUTS = ("lfw", "triplets", "calfw", "cfp_ff", "cfp_fp")
 
@@ -185,7 +187,7 @@ def _read_cfp(root: Path, protocol: str) -> tuple[list[tuple[str, str, bool]], l
     return rows, folds
 
 
-class PairFaces(_FileFaces):
+class PairFaces(FileFaces):
     """The images a verification pair list names (each once, in order of first mention), with
     the pairs over their positions in :attr:`pairs`.
 
@@ -193,7 +195,7 @@ class PairFaces(_FileFaces):
     pair list (unused by the CFP layouts, which read ``root/Protocol``); layout: one of
     :data:`LAYOUTS`; folds: number of equal consecutive folds for ``triplets``/``calfw``
     (``lfw`` reads it from its header); label_pattern: identity of a flat-folder file name
-    (:data:`faceemd.data.folders.LABEL_PATTERNS` key or regex; unmatched names are their own
+    (:data:`faceemd.data.faceset.LABEL_PATTERNS` key or regex; unmatched names are their own
     identity). Identities only name the images here; verification reads only the pair labels.
     """
 
@@ -278,3 +280,25 @@ def pairs_of(faces) -> Pairs:
         inner.fold[keep],
         inner.dropped + int((~keep).sum()),
     )
+
+
+def images_in_pairs(pairs_file: Path, root: Path, stems: dict[str, str]) -> list[str]:
+    """Distinct image files named in a pair list, in order of first mention."""
+    if not pairs_file.is_file():
+        raise FileNotFoundError(
+            f"pair file not found: {pairs_file} (download it with the dataset, or set "
+            "pairs_file: null to use every image of the folder)"
+        )
+    seen: dict[str, None] = {}
+    for line_no, line in enumerate(pairs_file.read_text().splitlines(), 1):
+        for token in line.split():
+            stem = Path(token).stem if Path(token).suffix.lower() in IMAGE_SUFFIXES else token
+            if Path(token).suffix.lower() in IMAGE_SUFFIXES:
+                if stem not in stems:
+                    raise BadImageError(
+                        f"{pairs_file}:{line_no} names {token}, which is not in {root}"
+                    )
+                seen.setdefault(stems[stem], None)
+    if not seen:
+        raise ValueError(f"pair file {pairs_file} names no image file")
+    return list(seen)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from faceemd.data.augment import build_augment
 from faceemd.data.datamodule import IdentificationDataModule, PreparedFaces, collate_faces
-from faceemd.data.folders import BadImageError, read_image
+from faceemd.data.decoding import read_image
+from faceemd.data.errors import BadImageError
 from faceemd.data.transforms import FaceInput
 
 __all__ = ["FaceSubset", "FaceTrainDataModule", "TrainFaces"]

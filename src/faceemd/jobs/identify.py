@@ -37,14 +37,10 @@ from faceemd.console import quiet_console
 from faceemd.data.align import align_face, resolve_template
 from faceemd.data.aligned import AlignedFaces
 from faceemd.data.datamodule import IdentificationDataModule
+from faceemd.data.decoding import IMAGE_SUFFIXES, read_image
 from faceemd.data.detection import YuNetDetector
-from faceemd.data.folders import (
-    IMAGE_SUFFIXES,
-    BadImageError,
-    FlatFolderFaces,
-    ImageFolderFaces,
-    read_image,
-)
+from faceemd.data.errors import BadImageError
+from faceemd.data.layouts import FlatFolderFaces, ImageFolderFaces
 from faceemd.emd import two_stage_rank
 from faceemd.jobs.extraction import load_or_extract
 from faceemd.jobs.identify_page import write_page
