@@ -105,11 +105,11 @@ def test_out_of_memory_in_stage2_halves_the_query_batch(monkeypatch):
     real = stage2.emd_problems
     sizes = []
 
-    def small_memory(query_patches, *args, **kwargs):
-        sizes.append(query_patches.shape[0])
-        if query_patches.shape[0] > 2:
+    def small_memory(query, *args, **kwargs):
+        sizes.append(query.patches.shape[0])
+        if query.patches.shape[0] > 2:
             raise torch.OutOfMemoryError("simulated: out of memory")
-        return real(query_patches, *args, **kwargs)
+        return real(query, *args, **kwargs)
 
     monkeypatch.setattr(stage2, "emd_problems", small_memory)
     with pytest.warns(RuntimeWarning, match="query_batch=2"):

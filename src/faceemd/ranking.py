@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from faceemd.emd import FeatureBank, Ranking, RerankConfig, two_stage_rank
+from faceemd.emd.stage2 import merge_solver_stats
 from faceemd.metrics import hits_from_ranking, identification_metrics, relevant_counts
 
 __all__ = ["evaluate_features"]
@@ -120,19 +121,5 @@ def _sharded_rank(
         None
         if any(p.emd_similarity is None for p in parts)
         else torch.cat([p.emd_similarity for p in parts]),
-        _merge_stats([p.solver_stats for p in parts]),
+        merge_solver_stats([p.solver_stats for p in parts]),
     )
-
-
-def _merge_stats(blocks: list[dict]) -> dict:
-    """Solver statistics of the whole query set from those of its blocks."""
-    blocks = [b for b in blocks if b]
-    if not blocks:
-        return {}
-    n = sum(b["problems"] for b in blocks)
-    return {
-        "problems": n,
-        "mean_iterations": sum(b["mean_iterations"] * b["problems"] for b in blocks) / n,
-        "max_iterations": max(b["max_iterations"] for b in blocks),
-        "unconverged": sum(b["unconverged"] for b in blocks),
-    }

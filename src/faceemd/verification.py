@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from faceemd.emd import FeatureBank, RerankConfig, check_finite, prepare_gallery, stage2_scores
-from faceemd.emd.stage2 import blend_scores, emd_has_weight
+from faceemd.emd.stage2 import blend_scores, emd_has_weight, merge_solver_stats
 from faceemd.metrics import verification_metrics
 
 __all__ = ["PairScores", "bank_rows", "evaluate_pairs", "score_pairs", "uses_stage2"]
@@ -95,25 +95,12 @@ def score_pairs(
                     )
                 )
             emd = torch.cat(parts)
-            stats = _merge_stats(part_stats)
+            stats = merge_solver_stats(part_stats)
         emd = emd.reshape(-1)
         stage2 = blend_scores(emd, cosine, cfg.alpha, cfg.blend)
     else:
         stage2 = cosine.clone()
     return PairScores(cosine, emd, stage2, t1 - t0, time.perf_counter() - t1, stats)
-
-
-def _merge_stats(parts: list[dict]) -> dict:
-    parts = [p for p in parts if p]
-    if not parts:
-        return {}
-    problems = sum(p["problems"] for p in parts)
-    return {
-        "problems": problems,
-        "mean_iterations": sum(p["mean_iterations"] * p["problems"] for p in parts) / problems,
-        "max_iterations": max(p["max_iterations"] for p in parts),
-        "unconverged": sum(p["unconverged"] for p in parts),
-    }
 
 
 def evaluate_pairs(

@@ -20,7 +20,14 @@ import cv2
 import numpy as np
 import torch
 
-from faceemd.emd import FeatureBank, Ranking, RerankConfig, pairwise_emd
+from faceemd.emd import (
+    CandidateInputs,
+    FeatureBank,
+    QueryInputs,
+    Ranking,
+    RerankConfig,
+    pairwise_emd,
+)
 
 __all__ = [
     "cell_bounds",
@@ -93,14 +100,19 @@ def match_flow(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The exact EMD flow ``(R, R)`` between query ``q`` and gallery item ``g`` under ``cfg``'s
     weighting, with the two weight vectors ``u (R,)`` and ``v (R,)``."""
+    one = torch.tensor([[g]])
     result, u, v = pairwise_emd(
-        query.patches[q : q + 1].float(),
-        gallery.patches[torch.tensor([[g]])].float(),
+        QueryInputs(
+            query.patches[q : q + 1].float(),
+            query.embeddings[q : q + 1],
+            None if query.lmk is None else query.lmk[q : q + 1],
+        ),
+        CandidateInputs(
+            gallery.patches[one].float(),
+            gallery.embeddings[one],
+            None if gallery.lmk is None else gallery.lmk[one],
+        ),
         replace(cfg, solver="exact"),
-        query.embeddings[q : q + 1],
-        gallery.embeddings[torch.tensor([[g]])],
-        None if query.lmk is None else query.lmk[q : q + 1],
-        None if gallery.lmk is None else gallery.lmk[torch.tensor([[g]])],
         return_flow=True,
     )
     return result.flow[0, 0].numpy(), u[0, 0].numpy(), v[0, 0].numpy()

@@ -17,6 +17,8 @@ from faceemd.emd.stage2 import (
 )
 from faceemd.emd.weights import (
     WEIGHTINGS,
+    CandidateInputs,
+    QueryInputs,
     compute_weights,
     grid_to_patches,
     landmark_density,
@@ -24,8 +26,10 @@ from faceemd.emd.weights import (
 )
 
 __all__ = [
+    "CandidateInputs",
     "EMDResult",
     "FeatureBank",
+    "QueryInputs",
     "Ranking",
     "RerankConfig",
     "WEIGHTINGS",

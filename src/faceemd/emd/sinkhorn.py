@@ -58,6 +58,14 @@ class EMDResult:
     iterations: Tensor
     marginal_error: Tensor
 
+    def reshape(self, *shape: int) -> EMDResult:
+        """The results laid out as ``shape`` problems (the flow as ``shape + (R, R')``)."""
+        flow = None if self.flow is None else self.flow.reshape(*shape, *self.flow.shape[-2:])
+        return EMDResult(
+            self.distance.reshape(shape), self.similarity.reshape(shape), flow,
+            self.iterations.reshape(shape), self.marginal_error.reshape(shape),
+        )  # fmt: skip
+
     def __getitem__(self, index) -> EMDResult:
         """The results of ``index`` into the batch (e.g. one weight set of a shared solve)."""
         flow = None if self.flow is None else self.flow[index]
@@ -125,13 +133,7 @@ def sinkhorn(
         )
     sim = torch.rsub(cost.float().reshape(-1, r1, r2), 1.0)
     out = solve(sim, u.reshape(-1, r1), v.reshape(-1, r2), settings, return_flow)
-    return EMDResult(
-        out.distance.reshape(batch),
-        out.similarity.reshape(batch),
-        None if out.flow is None else out.flow.reshape(cost.shape),
-        out.iterations.reshape(batch),
-        out.marginal_error.reshape(batch),
-    )
+    return out.reshape(*batch)
 
 
 def solve(
@@ -183,12 +185,8 @@ def solve(
         )
         distance = total - similarity
         flow = a.unsqueeze(-1) * kernel * b.unsqueeze(-2) if return_flow else None
-    return EMDResult(
-        distance.reshape(batch),
-        similarity.reshape(batch),
-        flow.reshape(*batch, r1, r2) if return_flow else None,
-        iters.reshape(batch),
-        err.reshape(batch),
+    return EMDResult(distance, similarity, flow if return_flow else None, iters, err).reshape(
+        *batch
     )
 
 

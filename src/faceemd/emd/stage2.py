@@ -16,6 +16,7 @@ from faceemd.emd.bank import FeatureBank, patch_summaries
 from faceemd.emd.cost import quantize_patches
 from faceemd.emd.problems import emd_problems, solve_problems
 from faceemd.emd.settings import MethodSettings, RerankConfig
+from faceemd.emd.weights import CandidateInputs, QueryInputs
 from faceemd.memory import shared_file_mapping, stage2_query_batch, take_rows
 
 _BAR_PROBLEMS = 100_000  # (query, candidate) problems from which stage 2 shows a progress bar
@@ -24,6 +25,7 @@ __all__ = [
     "blend_scores",
     "blend_stage2",
     "emd_has_weight",
+    "merge_solver_stats",
     "prepare_gallery",
     "stage2_depth",
     "stage2_rerank",
@@ -97,17 +99,21 @@ def stage2_scores_for(
                 gathered = rows.new_empty((batch * k, *rows.shape[1:]))
             part = take_rows(rows, cand.reshape(-1), gathered[: cand.numel()], mapped)
             sim, weights = emd_problems(
-                query.patches[q0:q1],
-                part.view(*cand.shape, *rows.shape[1:]),
+                QueryInputs(
+                    query.patches[q0:q1],
+                    query.embeddings[q0:q1],
+                    None if query.lmk is None else query.lmk[q0:q1],
+                ),
+                CandidateInputs(
+                    part.view(*cand.shape, *rows.shape[1:]),
+                    gallery.embeddings[cand],
+                    None if gallery.lmk is None else gallery.lmk[cand],
+                    norms=norms[cand],
+                    pooled=pooled[cand],
+                    scales=None if scales is None else scales[cand],
+                ),
                 weightings,
                 cfg.cost_dtype,
-                query.embeddings[q0:q1],
-                gallery.embeddings[cand],
-                None if query.lmk is None else query.lmk[q0:q1],
-                None if gallery.lmk is None else gallery.lmk[cand],
-                candidate_norms=norms[cand],
-                candidate_pooled=pooled[cand],
-                candidate_scales=None if scales is None else scales[cand],
             )
             u = torch.stack([u for u, _ in weights.values()])  # (W, B, k, R): one per weighting
             v = torch.stack([v for _, v in weights.values()])
@@ -149,6 +155,21 @@ def stage2_scores_for(
             unconverged=unconverged[weightings[0]],
         )
     return out
+
+
+def merge_solver_stats(blocks: list[dict]) -> dict:
+    """The solver statistics of :func:`stage2_scores_for` over several blocks of problems
+    (query blocks, pair chunks) from each block's; ``{}`` when none was solved."""
+    blocks = [b for b in blocks if b]
+    if not blocks:
+        return {}
+    n = sum(b["problems"] for b in blocks)
+    return {
+        "problems": n,
+        "mean_iterations": sum(b["mean_iterations"] * b["problems"] for b in blocks) / n,
+        "max_iterations": max(b["max_iterations"] for b in blocks),
+        "unconverged": sum(b["unconverged"] for b in blocks),
+    }
 
 
 def prepare_gallery(gallery: FeatureBank, cfg: RerankConfig) -> FeatureBank:

@@ -7,12 +7,16 @@ A weight vector that is all zero (e.g. APC when every correlation is negative) f
 uniform, with one warning, so the transport problem stays well posed.
 
 Shapes: query grid ``q (B, R, C)``, candidate grids ``g (B, K, R, C)``, patch cosine matrix
-``sim (B, K, R, R)`` (from :func:`faceemd.emd.cost.patch_cosine`).
+``sim (B, K, R, R)`` (from :func:`faceemd.emd.cost.patch_cosine`). What a weighting may read
+of each side is one typed object, :class:`QueryInputs` and :class:`CandidateInputs`: a
+weighting that needs a new per-image input adds a field there, fills it where the stage-2
+batches are gathered (:func:`faceemd.emd.stage2.stage2_scores_for`) and reads it here.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,8 @@ from torch import Tensor
 
 __all__ = [
     "WEIGHTINGS",
+    "CandidateInputs",
+    "QueryInputs",
     "compute_weights",
     "grid_to_patches",
     "landmark_density",
@@ -31,6 +37,36 @@ __all__ = [
 # Public-code forms under the short names (the paper's tables were made with them); the
 # printed equations under explicit names (see compute_weights).
 WEIGHTINGS = ("uniform", "apc", "apc_dot", "cc", "cc_dot", "sc", "sc_eq8", "lmk")
+
+
+@dataclass(frozen=True)
+class QueryInputs:
+    """What the weightings may read of a batch of ``B`` queries.
+
+    patches: ``(B, R, C)`` float grids. embedding: ``(B, D)`` final embeddings (CC).
+    lmk: ``(B, R)`` landmark densities (:func:`landmark_density`; LMK)."""
+
+    patches: Tensor
+    embedding: Tensor | None = None
+    lmk: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CandidateInputs:
+    """What the weightings may read of each query's ``K`` candidates.
+
+    patches: ``(B, K, R', C)`` float grids, or int8 codes (:func:`faceemd.emd.cost.quantize_patches`)
+    with their ``scales (B, K, R')``. embedding: ``(B, K, D)`` (CC). lmk: ``(B, K, R')`` (LMK).
+    norms ``(B, K, R')`` and pooled ``(B, K, C)``: optional per-gallery precomputations (patch
+    L2 norms, patch means) that spare passes over the candidates; int8 candidates need them
+    for APC (and the norms for CC)."""
+
+    patches: Tensor
+    embedding: Tensor | None = None
+    lmk: Tensor | None = None
+    norms: Tensor | None = None
+    pooled: Tensor | None = None
+    scales: Tensor | None = None
 
 
 def normalise_weights(w: Tensor) -> Tensor:
@@ -106,18 +142,19 @@ def landmark_density(
     return normalise_weights(counts)
 
 
-def weight_probe(method: str, query: Tensor, embedding: Tensor | None) -> Tensor | None:
+def weight_probe(method: str, query: QueryInputs) -> Tensor | None:
     """The query-side vector ``(B, 1, C)`` whose products with every candidate patch the APC or
     CC weights need (the query's mean patch, or its embedding when its size is C). It rides
     along as one more row of the patch-cosine product (:func:`faceemd.emd.cost.patch_cosine`)
     instead of a separate pass over the candidates; its cosines with the candidate patches are
     :func:`compute_weights`' ``candidate_probe``."""
     if method in ("apc", "apc_dot"):
-        return query.float().mean(1, keepdim=True)
+        return query.patches.float().mean(1, keepdim=True)
+    embedding = query.embedding
     if (
         method in ("cc", "cc_dot")
         and embedding is not None
-        and embedding.shape[-1] == query.shape[-1]
+        and embedding.shape[-1] == query.patches.shape[-1]
     ):
         return embedding.float().unsqueeze(1)
     return None
@@ -133,15 +170,9 @@ def _correlation(patches: Tensor, other: Tensor, cosine: bool, eq: str) -> Tenso
 def compute_weights(
     method: str,
     sim: Tensor,
-    query: Tensor,
-    candidates: Tensor,
-    query_embedding: Tensor | None = None,
-    candidate_embedding: Tensor | None = None,
-    query_lmk: Tensor | None = None,
-    candidate_lmk: Tensor | None = None,
-    candidate_pooled: Tensor | None = None,
+    query: QueryInputs,
+    candidates: CandidateInputs,
     candidate_probe: Tensor | None = None,
-    candidate_norms: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Patch weights ``(u (B, K, R), v (B, K, R'))`` for one weighting ``method``.
 
@@ -162,15 +193,17 @@ def compute_weights(
       the paper's own discussion of SC describes.
     - ``sc_eq8`` (Eq. 8 as printed): ``u_i = max(0, sum_j cos(q_i, g_j))``: sums of cosine
       *similarities*, which order patches the opposite way.
-    - ``lmk``: precomputed per-image landmark densities ``query_lmk (B, R)``,
-      ``candidate_lmk (B, K, R)`` (see :func:`landmark_density`).
+    - ``lmk``: precomputed per-image landmark densities ``query.lmk (B, R)``,
+      ``candidates.lmk (B, K, R)`` (see :func:`landmark_density`).
 
-    candidate_pooled: optional precomputed ``mean_j g_j`` ``(B, K, C)`` for APC.
     candidate_probe: optional ``(B, K, R')`` cosines ``cos(g_j, p)`` with ``p`` the query's
-    :func:`weight_probe`; with it (and ``candidate_norms (B, K, R')`` for the dot forms) and
-    ``candidate_pooled`` the candidates are not read (they may be int8 codes).
+    :func:`weight_probe`; with it (and ``candidates.norms`` for the dot forms) and
+    ``candidates.pooled`` the candidate patches are not read (they may be int8 codes).
     """
     b, k, r, _ = sim.shape
+    query_embedding, candidate_embedding = query.embedding, candidates.embedding
+    candidate_norms, candidate_pooled = candidates.norms, candidates.pooled
+    q_patches, c_patches = query.patches, candidates.patches
     if method == "uniform":
         u = sim.new_full((b, k, r), 1.0 / r)
         v = sim.new_full((b, k, sim.shape[-1]), 1.0 / sim.shape[-1])
@@ -178,21 +211,21 @@ def compute_weights(
     cosine = method in ("apc", "cc")
     if method in ("apc", "apc_dot", "cc", "cc_dot"):
         if method.startswith("apc"):
-            q_other = query.float().mean(1)  # (B, C): the query's pooled vector
-            g_other = candidates.float().mean(2) if candidate_pooled is None else candidate_pooled
+            q_other = q_patches.float().mean(1)  # (B, C): the query's pooled vector
+            g_other = c_patches.float().mean(2) if candidate_pooled is None else candidate_pooled
         else:
             if query_embedding is None or candidate_embedding is None:
                 raise ValueError(f"weighting {method!r} needs the query and candidate embeddings")
-            if query_embedding.shape[-1] != query.shape[-1]:
+            if query_embedding.shape[-1] != q_patches.shape[-1]:
                 raise ValueError(
-                    f"weighting {method!r} correlates patches (C={query.shape[-1]}) with "
+                    f"weighting {method!r} correlates patches (C={q_patches.shape[-1]}) with "
                     f"embeddings (D={query_embedding.shape[-1]}); it needs D = C: choose "
                     "'apc' for this backbone"
                 )
             q_other, g_other = query_embedding, candidate_embedding
-        u = _correlation(query, g_other, cosine, "brc,bkc->bkr")
+        u = _correlation(q_patches, g_other, cosine, "brc,bkc->bkr")
         if candidate_probe is None:
-            v = _correlation(candidates, q_other, cosine, "bkrc,bc->bkr")
+            v = _correlation(c_patches, q_other, cosine, "bkrc,bc->bkr")
         elif cosine:
             v = candidate_probe
         else:
@@ -204,13 +237,13 @@ def compute_weights(
     elif method == "sc_eq8":
         u, v = sim.sum(-1), sim.sum(-2)
     elif method == "lmk":
-        if query_lmk is None or candidate_lmk is None:
+        if query.lmk is None or candidates.lmk is None:
             raise ValueError(
                 "weighting 'lmk' needs landmarks for query and gallery images "
                 "(configure a landmark source for the dataset)"
             )
-        u = query_lmk.float().unsqueeze(1).expand(b, k, r)
-        v = candidate_lmk.float()
+        u = query.lmk.float().unsqueeze(1).expand(b, k, r)
+        v = candidates.lmk.float()
     else:
         raise ValueError(f"unknown weighting {method!r}; choose one of {', '.join(WEIGHTINGS)}")
     return normalise_weights(u), normalise_weights(v)
