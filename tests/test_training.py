@@ -9,7 +9,9 @@ import sys
 import lightning as L
 import pytest
 import torch
+from hydra.utils import instantiate
 
+from faceemd.models.build import build_face_input
 from faceemd.models.heads import ArcFaceHead, CosFaceHead, SoftmaxHead, SphereFaceHead, focal_loss
 
 from .conftest import ROOT
@@ -522,3 +524,102 @@ def test_resume_with_another_config_is_refused_naming_both(compose_train, tmp_pa
     with pytest.raises(ValueError, match=f"holds a run with {what} .* but this run asks for"):
         run_training(second)
     assert not list((tmp_path / "b").rglob("*.ckpt"))  # a refused resume writes no checkpoint
+
+
+def _outcome(run_dir):
+    """The final metrics (timings left out) and exported backbone weights of a train.py run."""
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    metrics = {k: v for k, v in summary["metrics"].items() if not k.endswith("_seconds")}
+    weights = torch.load(run_dir / "export" / "backbone.pt", weights_only=True)
+    return summary["global_step"], metrics, weights.get("state_dict", weights)
+
+
+def _assert_same_outcome(a, b, exact=True):
+    """Every metric and weight bitwise equal; or (``exact=False``, a resumed run) the ranking
+    metrics equal, losses within 1e-4 relative and weights within 1e-4 absolute (drift from
+    last-bit differences, see docs/finetuning.md)."""
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys() and a[2].keys() == b[2].keys()
+    for name, value in a[1].items():
+        if exact or not name.startswith("train/"):
+            assert value == b[1][name], name
+        else:
+            assert value == pytest.approx(b[1][name], rel=1e-4, abs=1e-6), name
+    for name in a[2]:
+        if exact:
+            assert torch.equal(a[2][name], b[2][name]), name
+        else:
+            torch.testing.assert_close(a[2][name], b[2][name], rtol=1e-3, atol=1e-4)
+
+
+def _train_process(args, run_dir):
+    """train.py in a fresh process (as a user runs it), into ``run_dir``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY_TRAIN, *args, f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _finish(proc):
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def test_training_is_reproducible_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
+    tmp_path,
+):
+    """Same seed, same machine, two processes: every metric and weight bitwise equal (data
+    order, augmentation and dropout draws are functions of the seed and epoch). Stopping after
+    epoch 1 and resuming from last.ckpt (the generators' states travel in it) ends with the
+    uninterrupted run's ranking metrics; losses and weights agree to float32 drift."""
+    a = _train_process(["trainer.max_epochs=3"], tmp_path / "a")
+    b = _train_process(["trainer.max_epochs=3"], tmp_path / "b")
+    _finish(a), _finish(b)
+    first = _train_process(["trainer.max_epochs=1"], tmp_path / "first")
+    _finish(first)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    _finish(_train_process(["trainer.max_epochs=3", f"ckpt_path={last}"], tmp_path / "resumed"))
+    full = _outcome(tmp_path / "a")
+    _assert_same_outcome(full, _outcome(tmp_path / "b"))
+    _assert_same_outcome(full, _outcome(tmp_path / "resumed"), exact=False)
+    assert _outcome(tmp_path / "first")[1] != full[1]  # the comparison can tell runs apart
+
+
+def test_training_images_do_not_depend_on_the_number_of_workers(compose_train):
+    """An epoch's batches are the same with 0 and 2 loader workers (each item's augmentation
+    draws from its own seed), and differ between epochs."""
+    cfg = compose_train(TINY_TRAIN)
+    batches = {}
+    for workers in (0, 2):
+        dm = instantiate(cfg.train_data, face_input=build_face_input(cfg.backbone),
+                         num_workers=workers)  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            batches[workers, epoch] = next(iter(loader))
+    for epoch in (0, 1):
+        assert torch.equal(batches[0, epoch]["index"], batches[2, epoch]["index"])
+        assert torch.equal(batches[0, epoch]["image"], batches[2, epoch]["image"])
+    assert not torch.equal(batches[0, 0]["index"], batches[0, 1]["index"])
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_ends_at_the_uninterrupted_metrics(tmp_path):
+    """A run killed with SIGKILL after its first last.ckpt, resumed from it, ends with the
+    uninterrupted run's ranking metrics (losses and weights to float32 drift)."""
+    import signal
+    import time
+
+    full = _train_process(["trainer.max_epochs=3"], tmp_path / "full")
+    _finish(full)
+    proc = _train_process(["trainer.max_epochs=3"], tmp_path / "killed")
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(last, weights_only=True)["epoch"] < 2, "killed before the run's end"
+    _finish(_train_process(["trainer.max_epochs=3", f"ckpt_path={last}"], tmp_path / "resumed"))
+    _assert_same_outcome(_outcome(tmp_path / "full"), _outcome(tmp_path / "resumed"), exact=False)

@@ -7,15 +7,18 @@ different numbers of bad images). ``evaluate.py`` uses it to fill the feature ca
 :class:`RerankEvaluation` additionally ranks and scores at the end of the epoch (dataloaders
 ``[query, gallery]``, or ``[query]`` when the query set is its own gallery), each process
 ranking a block of the queries, and logs ``stage1/*`` and ``stage2/*``; finetuning validation
-uses it.
+uses it. :class:`RandomStateCheckpoint` keeps the random generators' states in training
+checkpoints, so that a resumed run draws what the uninterrupted one drew.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import defaultdict
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,9 +26,40 @@ from faceemd.emd import Ranking, RerankConfig
 from faceemd.features import ExtractedFeatures
 from faceemd.ranking import evaluate_features
 
-__all__ = ["FeatureCollector", "RerankEvaluation"]
+__all__ = ["FeatureCollector", "RandomStateCheckpoint", "RerankEvaluation"]
 
 _ROW_KEYS = ("embedding", "patches", "landmarks", "label", "index")
+
+
+class RandomStateCheckpoint(L.Callback):
+    """The states of torch's, numpy's and Python's global generators, saved with every
+    checkpoint and restored on resume (Lightning keeps none of them): dropout and anything
+    else drawn from them after a resume continues the uninterrupted run's sequence. Stored as
+    tensors and plain numbers, so the checkpoint still loads with ``weights_only=True``."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": pos,
+                "has_gauss": has_gauss,
+                "gauss": gauss,
+            },  # fmt: skip
+            "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        )
+        p = state["python"]
+        random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
 class FeatureCollector(L.Callback):

@@ -42,12 +42,15 @@ class PreparedFaces(Dataset):
     def __len__(self) -> int:
         return len(self.faces)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """key: a position, or ``(position, seed)`` where the item's random transform must be
+        a function of ``seed`` (:class:`faceemd.data.train_datamodule.SeededEpochSampler`)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         item = self.faces[index]
         if item is None:
             return None
         image, name, lmk = item
-        image, lmk = self.transform(image, np.asarray(lmk, np.float32), index)
+        image, lmk = self.transform(image, np.asarray(lmk, np.float32), index, seed)
         x, lmk = self.face_input(np.ascontiguousarray(image), lmk)
         return {
             "image": x,
@@ -58,8 +61,9 @@ class PreparedFaces(Dataset):
             ),  # a copy: sets keep theirs read-only
         }
 
-    def transform(self, image: np.ndarray, lmk: np.ndarray, index: int):
-        """``(image, landmarks (68, 2))`` of item ``index`` before the input transform."""
+    def transform(self, image: np.ndarray, lmk: np.ndarray, index: int, seed: int | None):
+        """``(image, landmarks (68, 2))`` of item ``index`` before the input transform; a random
+        transform draws from ``seed`` (None: from numpy's global generator)."""
         return image, lmk
 
 

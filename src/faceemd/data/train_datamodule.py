@@ -18,7 +18,8 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from faceemd.data.augment import build_augment
 from faceemd.data.datamodule import IdentificationDataModule, PreparedFaces, collate_faces
@@ -26,7 +27,7 @@ from faceemd.data.decoding import read_image
 from faceemd.data.errors import BadImageError
 from faceemd.data.transforms import FaceInput
 
-__all__ = ["FaceSubset", "FaceTrainDataModule", "TrainFaces"]
+__all__ = ["FaceSubset", "FaceTrainDataModule", "SeededEpochSampler", "TrainFaces"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,34 @@ def select_identities(faces, min_images: int = 1, exclude=None):
     return FaceSubset(faces, [i for i, n in enumerate(names) if n not in drop])
 
 
+class SeededEpochSampler(Sampler):
+    """The training order of one epoch and a seed for each item's augmentation, both drawn
+    from ``(seed, epoch)`` alone: yields ``(position, item seed)`` (see
+    :meth:`PreparedFaces.__getitem__`).
+
+    A run then sees the same images in the same order for the same seed, whatever the number
+    of workers, and a run resumed at epoch ``e`` sees what an uninterrupted one sees there
+    (Lightning calls :meth:`set_epoch` before each epoch). A shuffling ``DataLoader`` draws its
+    order from the global generator instead, whose state no checkpoint keeps."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = int(size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        seeds = torch.randint(2**31, (self.size,), generator=g).tolist()
+        return iter(zip(order, seeds, strict=True))
+
+
 class TrainFaces(PreparedFaces):
     """Training items (see :class:`PreparedFaces`; ``None`` for an unreadable image, skipped).
 
@@ -101,14 +130,18 @@ class TrainFaces(PreparedFaces):
             raise FileNotFoundError(f"masked copies folder not found: {self.masked_root}")
         self.p_masked_copy = p_masked_copy
 
-    def transform(self, image: np.ndarray, lmk: np.ndarray, index: int):
-        if self.masked_root is not None and np.random.random() < self.p_masked_copy:
+    def transform(self, image: np.ndarray, lmk: np.ndarray, index: int, seed: int | None):
+        # Every random draw of the item comes from its seed: the same seed gives the same
+        # training image in any worker, after a resume and for any number of workers.
+        rng = np.random.default_rng(np.random.randint(2**31) if seed is None else seed)
+        if self.masked_root is not None and rng.random() < self.p_masked_copy:
             try:
                 image = read_image(self.masked_root / self.faces.files[index])
                 lmk = np.full((68, 2), np.nan, np.float32)  # the copy's landmarks are unknown
             except BadImageError:
                 pass  # no masked copy of this image: train on the original
         if self.augment is not None:
+            self.augment.set_random_seed(int(rng.integers(2**31)))
             known = bool(np.isfinite(lmk).all())
             out = self.augment(
                 image=image, keypoints=lmk if known else np.zeros((0, 2), np.float32)
@@ -123,7 +156,9 @@ class FaceTrainDataModule(L.LightningDataModule):
     metrics the re-ranking callback computes; face_input: set from the backbone config;
     min_images_per_identity: identities with fewer training images are skipped (counted in
     the log); exclude_identities: a face set whose identities are removed from training (e.g.
-    the test set's people). An identity in both the training and the validation set is
+    the test set's people); seed: of the training order and augmentation
+    (:class:`SeededEpochSampler`; one process; under DDP Lightning's distributed sampler orders
+    the data and the augmentation draws from each worker's seeded generator). An identity in both the training and the validation set is
     refused at setup, naming it."""
 
     def __init__(
@@ -138,8 +173,10 @@ class FaceTrainDataModule(L.LightningDataModule):
         num_workers: int = 0,
         min_images_per_identity: int = 1,
         exclude_identities=None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = int(seed)
         train = select_identities(train, min_images_per_identity, exclude_identities)
         self.train_faces = train
         self.val = val
@@ -188,11 +225,17 @@ class FaceTrainDataModule(L.LightningDataModule):
             self.masked_root,
             self.p_masked_copy,
         )
+        distributed = self.trainer is not None and self.trainer.world_size > 1
+        order = (
+            {"shuffle": True}
+            if distributed
+            else {"sampler": SeededEpochSampler(len(data), self.seed)}
+        )
         return DataLoader(
             data,
             batch_size=self.batch_size,
-            shuffle=True,
             drop_last=len(data) >= self.batch_size,
+            **order,
             num_workers=self.num_workers,
             collate_fn=collate_faces,
             persistent_workers=self.num_workers > 0,
