@@ -149,6 +149,73 @@ def test_triplet_and_calfw_pair_files(tmp_path):
         PairFaces(tmp_path, "calfw", tmp_path / "bad.txt", folds=1)
 
 
+def _four_faces(root):
+    names = ["Ann_A_0001", "Ann_A_0002", "Bob_B_0001", "Bob_B_0002"]
+    for k, n in enumerate(names):
+        write_noise_image(root / f"{n}.jpg", seed=k)
+
+
+def test_a_pair_file_that_is_not_utf8_is_named_with_line_and_byte_offset(tmp_path):
+    _four_faces(tmp_path)
+    body = "Ann_A_0001.jpg Ann_A_0002.jpg 1\n" * 3000 + "Ann_A_0001.jpg Bob_B_0001.jpg 0\n"
+    data = body.encode() + b"Bob_B_0001.jpg Bob_\xff_0002.jpg 1\n"
+    (tmp_path / "pairs.txt").write_bytes(data)
+    with pytest.raises(ValueError) as err:
+        PairFaces(tmp_path, "triplets", tmp_path / "pairs.txt", folds=2)
+    message = str(err.value)
+    offset = data.index(b"\xff")
+    assert f"pairs.txt:3002: byte {offset} (0xff) is not UTF-8" in message
+    assert len(message) < 400  # the file's content is not quoted
+
+
+def test_pair_file_labels_duplicates_self_pairs_and_paths(tmp_path, caplog):
+    """-1 means 'not the same person'; a self-pair is dropped and counted; a duplicate is
+    counted; an image named by its absolute path and by a relative one is one image."""
+    import logging
+
+    _four_faces(tmp_path)
+    (tmp_path / "pairs.txt").write_text(
+        f"{tmp_path / 'Ann_A_0001.jpg'} Ann_A_0002.jpg 1\nAnn_A_0001.jpg Bob_B_0001.jpg -1\n"
+        "Bob_B_0001.jpg Bob_B_0002.jpg 1\n./Ann_A_0002.jpg Bob_B_0002.jpg 0\n"
+        "Bob_B_0001.jpg Bob_B_0002.jpg 1\nAnn_A_0001.jpg Ann_A_0001.jpg 1\n"
+    )
+    with caplog.at_level(logging.WARNING, logger="faceemd.data.pairs"):
+        faces = PairFaces(tmp_path, "triplets", tmp_path / "pairs.txt", folds=2)
+    assert faces.pairs.same.tolist() == [True, False, True, False, True]
+    assert sorted(faces.files) == [f"{n}.jpg" for n in
+                                   ("Ann_A_0001", "Ann_A_0002", "Bob_B_0001", "Bob_B_0002")]  # fmt: skip
+    text = caplog.text
+    assert "1 pair(s) of an image with itself left out" in text
+    assert "1 pair(s) listed more than once" in text
+    (tmp_path / "bad.txt").write_text("Ann_A_0001.jpg Ann_A_0002.jpg 2\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: label 2"):
+        PairFaces(tmp_path, "triplets", tmp_path / "bad.txt", folds=1)
+
+
+@pytest.mark.parametrize(
+    "text, folds, message",
+    [
+        ("Ann_A_0001.jpg Ann_A_0002.jpg 1\nAnn_A_0001.jpg Bob_B_0001.jpg 0\n", 1,
+         "fall into 1 fold"),
+        ("Ann_A_0001.jpg Ann_A_0002.jpg 1\nBob_B_0001.jpg Bob_B_0002.jpg 1\n", 2,
+         "every pair is a same-person pair"),
+    ],
+)  # fmt: skip
+def test_unusable_protocols_are_refused_before_any_image_is_read(tmp_path, monkeypatch, text,
+                                                                 folds, message):  # fmt: skip
+    from faceemd.data import faceset
+
+    _four_faces(tmp_path)
+    (tmp_path / "pairs.txt").write_text(text)
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was read")
+
+    monkeypatch.setattr(faceset, "read_image", no_reading)
+    with pytest.raises(ValueError, match=message):
+        PairFaces(tmp_path, "triplets", tmp_path / "pairs.txt", folds=folds)
+
+
 def _cfp_tree(root):
     """A 2-person CFP tree: 2 frontal + 1 profile each, FF and FP folds (1-based ids)."""
     flist, plist = [], []
@@ -222,7 +289,7 @@ def test_real_cfp_folds(layout):
 def test_pairs_of_a_derived_set_drops_pairs_that_lost_an_image(tmp_path):
     _lfw_tree(tmp_path)
     (tmp_path / "pairs.txt").write_text(
-        "1\t2\nAnn_A\t1\t2\nCid_C\t2\t3\nAnn_A\t1\tBob_B\t2\nBob_B\t1\tCid_C\t3\n"
+        "2\t1\nAnn_A\t1\t2\nAnn_A\t1\tBob_B\t2\nCid_C\t2\t3\nBob_B\t1\tCid_C\t3\n"
     )
     source = PairFaces(tmp_path, "lfw", tmp_path / "pairs.txt")
 

@@ -21,7 +21,10 @@ is an error naming the file and line.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +34,9 @@ from faceemd.data.decoding import IMAGE_SUFFIXES, MAX_PIXELS
 from faceemd.data.errors import BadImageError
 from faceemd.data.faceset import LABEL_PATTERNS, FileFaces
 
-__all__ = ["LAYOUTS", "PairFaces", "Pairs", "images_in_pairs", "pairs_of"]
+__all__ = ["LAYOUTS", "PairFaces", "Pairs", "images_in_pairs", "pairs_of", "read_text_lines"]
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("lfw", "triplets", "calfw", "cfp_ff", "cfp_fp")
 
@@ -65,7 +70,13 @@ class _Reader:
         return ValueError(f"{self.path}:{line_no}: {what}")
 
     def image(self, token: str, line_no: int) -> str:
-        """Relative path of ``token``: as given, else by stem in the root folder."""
+        """Relative path of ``token`` under ``root``, normalised (an absolute path inside
+        ``root``, ``./x`` and ``x`` name one image): as given, else by stem in the root folder."""
+        if os.path.isabs(token):
+            inside = os.path.relpath(os.path.normpath(token), os.path.normpath(self.root))
+            if not inside.startswith(".."):
+                token = inside
+        token = os.path.normpath(token)
         if (self.root / token).is_file():
             return token
         if Path(token).suffix.lower() not in IMAGE_SUFFIXES:
@@ -84,11 +95,25 @@ class _Reader:
         self.lines.append(line_no)
 
 
+def read_text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file; a byte that is not UTF-8 is a ``ValueError`` naming the
+    file, line and byte offset (never the file's content)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line_no = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{line_no}: byte {err.start} (0x{data[err.start]:02x}) is not UTF-8 text; "
+            "save the file as UTF-8"
+        ) from None
+
+
 def _lines(path: Path) -> list[tuple[int, list[str]]]:
     if not path.is_file():
         raise FileNotFoundError(f"pair file not found: {path}")
     out = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    for line_no, line in enumerate(read_text_lines(path), 1):
         if line.strip():
             out.append((line_no, re.split(r"[\s,]+", line.strip())))
     if not out:
@@ -133,8 +158,10 @@ def _read_triplets(reader: _Reader) -> None:
     for line_no, t in _lines(reader.path):
         if len(t) != 3:
             raise reader.error(line_no, f"expected 'img1 img2 label', got {t}")
-        same = _int(t[2], reader, line_no) != 0
-        reader.add(reader.image(t[0], line_no), reader.image(t[1], line_no), same, line_no)
+        label = _int(t[2], reader, line_no)
+        if label not in (1, 0, -1):
+            raise reader.error(line_no, f"label {label}: use 1 (same person) or 0 / -1 (not)")
+        reader.add(reader.image(t[0], line_no), reader.image(t[1], line_no), label == 1, line_no)
 
 
 def _read_calfw(reader: _Reader) -> None:
@@ -145,7 +172,11 @@ def _read_calfw(reader: _Reader) -> None:
         for line_no, t in ((n1, t1), (n2, t2)):
             if len(t) != 2:
                 raise reader.error(line_no, f"expected 'img label', got {t}")
-        same = _int(t1[1], reader, n1) != 0 and _int(t2[1], reader, n2) != 0
+        labels = [(_int(t[1], reader, n), n) for n, t in ((n1, t1), (n2, t2))]
+        for label, n in labels:
+            if label < 0:
+                raise reader.error(n, f"label {label}: CALFW labels are identity numbers, 0 = not")
+        same = labels[0][0] != 0 and labels[1][0] != 0
         reader.add(reader.image(t1[0], n1), reader.image(t2[0], n2), same, n1)
 
 
@@ -232,6 +263,9 @@ class PairFaces(FileFaces):
                 )
             size = len(rows) // folds
             fold = [i // size for i in range(len(rows))]
+        rows, fold = _checked_pairs(
+            rows, fold, source if not layout.startswith("cfp") else self.root
+        )
         position: dict[str, int] = {}
         for a, b, _ in rows:
             for rel in (a, b):
@@ -245,6 +279,39 @@ class PairFaces(FileFaces):
             np.array([s for _, _, s in rows], bool),
             np.asarray(fold, np.int64),
         )
+
+
+def _checked_pairs(rows: list, fold: list, source: Path) -> tuple[list, list]:
+    """The rows and folds of a pair list that verification can use, checked before any image
+    is read: a pair of an image with itself is dropped (it says nothing about a model), with
+    a warning counting them; a pair listed twice is kept, with a warning counting them; fewer
+    than 2 folds, or pairs of one class only, are refused (the protocol's accuracy picks each
+    fold's threshold on the other folds and needs both classes)."""
+    selfish = [i for i, (a, b, _) in enumerate(rows) if a == b]
+    if selfish:
+        log.warning(
+            "%s: %d pair(s) of an image with itself left out (e.g. %s)",
+            source, len(selfish), rows[selfish[0]][0],
+        )  # fmt: skip
+        keep = [i for i in range(len(rows)) if rows[i][0] != rows[i][1]]
+        rows, fold = [rows[i] for i in keep], [fold[i] for i in keep]
+    seen = Counter(frozenset((a, b)) for a, b, _ in rows)
+    repeats = sum(c - 1 for c in seen.values())
+    if repeats:
+        log.warning("%s: %d pair(s) listed more than once (kept: the protocol counts each listing)", source, repeats)
+    if len(set(fold)) < 2:
+        raise ValueError(
+            f"{source}: the pairs fall into {len(set(fold))} fold(s); verification accuracy "
+            "needs at least 2 (each fold's threshold is chosen on the others)"
+        )
+    classes = {same for _, _, same in rows}
+    if len(classes) < 2:
+        which = "same-person" if True in classes else "different-person"
+        raise ValueError(
+            f"{source}: every pair is a {which} pair; verification needs both kinds "
+            "(check the label column: 1 = same person, 0 or -1 = not)"
+        )
+    return rows, fold
 
 
 def _identity(rel: str, layout: str, regex: re.Pattern) -> str:
@@ -290,7 +357,7 @@ def images_in_pairs(pairs_file: Path, root: Path, stems: dict[str, str]) -> list
             "pairs_file: null to use every image of the folder)"
         )
     seen: dict[str, None] = {}
-    for line_no, line in enumerate(pairs_file.read_text().splitlines(), 1):
+    for line_no, line in enumerate(read_text_lines(pairs_file), 1):
         for token in line.split():
             stem = Path(token).stem if Path(token).suffix.lower() in IMAGE_SUFFIXES else token
             if Path(token).suffix.lower() in IMAGE_SUFFIXES:
