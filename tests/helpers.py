@@ -1,4 +1,5 @@
-"""Test-only Lightning callbacks, importable by train.py subprocesses (``+callbacks=...``)."""
+"""Test-only Lightning callbacks, importable by train.py subprocesses (``+callbacks=...``), and
+helpers that test subprocesses run."""
 
 import lightning as L
 
@@ -56,3 +57,22 @@ class RecordTrainStart(L.Callback):
             "step": trainer.global_step,
             "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
         }
+
+
+def make_slow_copies(source_root: str, out_root: str) -> None:
+    """Copy the identity folder ``source_root`` into a made set under ``out_root``, 50 ms per
+    image (two processes started together overlap), and print the set's size."""
+    import time
+
+    from faceemd.data.layouts import ImageFolderFaces
+    from faceemd.data.materialised import MaterialisedFaces
+
+    class SlowCopies(MaterialisedFaces):
+        def __init__(self, source, out):
+            super().__init__(source, {"kind": "slow copy"}, out, "slow", "error")
+
+        def make(self, index, image, lmk, rel):
+            time.sleep(0.05)
+            return image, None, {}
+
+    print(len(SlowCopies(ImageFolderFaces(source_root), out_root)))

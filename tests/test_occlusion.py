@@ -180,3 +180,26 @@ def test_photos_differing_only_in_suffix_stay_two_images(tmp_path):
     assert len(list(made.root.rglob("*.png"))) == 3
     assert not np.array_equal(made[0][0], made[1][0])  # each made from its own photo
     assert "Alec_Baldwin/Alec_Baldwin_0002.png" in made.files  # no clash: name unchanged
+
+
+def test_two_runs_making_one_set_at_once_share_the_work(tmp_path):
+    """Two processes start the same made set together: one writes the images while the other
+    waits, then reuses them; the manifest has one line per image."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    for k in range(12):
+        write_noise_image(tmp_path / "src" / f"P{k % 3}" / f"P{k % 3}_{k:04d}.jpg", seed=k)
+    code = (f"from tests.helpers import make_slow_copies; "
+            f"make_slow_copies({str(tmp_path / 'src')!r}, {str(tmp_path / 'out')!r})")  # fmt: skip
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outputs]
+    assert [out.strip() for out, _ in outputs] == ["12", "12"]
+    (manifest,) = (tmp_path / "out").glob("slow-*/manifest.jsonl")
+    rels = [json.loads(line)["rel"] for line in manifest.read_text().splitlines()]
+    assert len(rels) == 12 and len(set(rels)) == 12
+    assert sum("waiting for it to finish" in err for _, err in outputs) == 1

@@ -8,6 +8,8 @@ image's landmarks, or ``skipped`` with the reason) and the source file's size an
 killed run resumes where it stopped, every later job (e.g. of a sweep) reuses the files, and
 an edited source image is redone. Sets whose recipes agree share one folder and manifest (a
 set of frontal and one of profile photos of the same root): each reads its own images from it.
+Runs started together on one recipe share the work: the folder's lock lets one make the
+images while the others wait, then reuse them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from faceemd.console import stage_progress
 from faceemd.data.errors import BadImageError, NoFaceError
 from faceemd.data.faceset import FileFaces
+from faceemd.storage.atomic import atomic_write_text
 from faceemd.storage.manifest import Manifest, landmark_list, write_image
 
 __all__ = ["MaterialisedFaces", "source_stamps"]
@@ -45,6 +50,23 @@ def _png_relpath(source: str) -> str:
         digest = hashlib.sha256(str(src).encode()).hexdigest()[:16]
         return f"_outside/{digest}-{src.stem}.png"
     return str(src.with_suffix(".png"))
+
+
+@contextmanager
+def _exclusive(folder: Path):
+    """Hold ``folder``'s lock file while the set is made or checked: a second run on the same
+    recipe waits (saying so), then finds every image done and makes none, so the images are
+    written once and the manifest keeps one line per image."""
+    lock = FileLock(folder / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("another run is making %s; waiting for it to finish", folder)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _distinct(rels: list[str], files: list[str] | None) -> list[str]:
@@ -84,12 +106,13 @@ class MaterialisedFaces(FileFaces):
         key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
         folder = Path(out_root) / f"{kind}-{key}"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True))
         self.source = source
         self._source_names = list(source.label_names())
-        super().__init__(folder, on_bad_image, landmarks=str(folder / "landmarks68.tsv"))
-        self.source_index: list[int] = []
-        self._materialise(source_stamps)
+        with _exclusive(folder):
+            atomic_write_text(folder / "recipe.json", json.dumps(recipe, indent=2, sort_keys=True))
+            super().__init__(folder, on_bad_image, landmarks=str(folder / "landmarks68.tsv"))
+            self.source_index: list[int] = []
+            self._materialise(source_stamps)
 
     # Source items handed to one make_batch call (a model-driven recipe batches its forward
     # passes; image-by-image recipes keep 1).

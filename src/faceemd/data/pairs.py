@@ -298,7 +298,11 @@ def _checked_pairs(rows: list, fold: list, source: Path) -> tuple[list, list]:
     seen = Counter(frozenset((a, b)) for a, b, _ in rows)
     repeats = sum(c - 1 for c in seen.values())
     if repeats:
-        log.warning("%s: %d pair(s) listed more than once (kept: the protocol counts each listing)", source, repeats)
+        log.warning(
+            "%s: %d pair(s) listed more than once (kept: the protocol counts each listing)",
+            source,
+            repeats,
+        )
     if len(set(fold)) < 2:
         raise ValueError(
             f"{source}: the pairs fall into {len(set(fold))} fold(s); verification accuracy "
