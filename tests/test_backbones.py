@@ -165,6 +165,13 @@ def test_onnx_backbone_bad_input(tmp_path):
         ValueError, match=r"expects input \(N, 3, 24, 20\) but got \(2, 3, 20, 24\)"
     ):
         backbone(torch.zeros(2, 3, 20, 24))
+    # files that are not ONNX models: named, and said what they are
+    (tmp_path / "garbage.onnx").write_bytes(b"\x0a\xff\xff\xff garbage that is no protobuf")
+    with pytest.raises(ValueError, match=r"garbage.onnx is not an ONNX model"):
+        OnnxBackbone(str(tmp_path / "garbage.onnx"), "emb", grid_name)
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty.onnx is empty \(0 bytes\)"):
+        OnnxBackbone(str(tmp_path / "empty.onnx"), "emb", grid_name)
 
 
 def test_torch_backbone_reads_the_named_submodules(tmp_path):

@@ -164,9 +164,12 @@ def test_raw_photo_folder_is_detected_aligned_and_ranked(tmp_path):
         assert cv2.imwrite(str(path), big if big.ndim == 2 else big[..., ::-1])
     noise = np.random.default_rng(0).integers(0, 255, (150, 150, 3), np.uint8)
     assert cv2.imwrite(str(photos / faces[0][1] / "noise.jpg"), noise)
+    (photos / faces[1][1] / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")  # undecodable
+    assert cv2.imwrite(str(photos / faces[2][1] / "huge.png"), np.zeros((400, 400), np.uint8))
     args = [
         "data=raw_folder",
         f"data.query.source.root={photos}",
+        "+data.query.source.max_pixels=100000",  # the photos are ~40,000 pixels, huge.png 160,000
         "data.num_workers=0",
         "rerank.top_k=5",
         "logger=none",
@@ -181,14 +184,23 @@ def test_raw_photo_folder_is_detected_aligned_and_ranked(tmp_path):
         )  # fmt: skip
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         outs.append(out.stdout + out.stderr)
-    assert "12 images (12 new, 0 reused), 1 skipped" in outs[0]
-    assert "12 images (0 new, 12 reused), 1 skipped" in outs[1]
+    assert "12 images (12 new, 0 reused), 3 skipped" in outs[0]
+    assert "12 images (0 new, 12 reused), 3 skipped" in outs[1]
+    # each reason counted apart (all three used to be counted as "no face")
+    summary = " ".join(outs[1].split())  # the console wraps long lines
+    assert "skipped images 3 (no face 1, unreadable 1, over the pixel limit 1)" in summary
     runs = sorted(tmp_path.glob("evaluate/runs/*/metrics.json"))
     metrics = json.loads(runs[0].read_text())["metrics"]
-    assert metrics["eval/num_queries"] == 12 and metrics["eval/unusable_images"] == 1
+    assert metrics["eval/num_queries"] == 12 and metrics["eval/unusable_images"] == 3
+    assert [metrics[f"eval/unusable_{c}"] for c in ("no_face", "unreadable", "too_large")] == [
+        1, 1, 1,
+    ]  # fmt: skip
     assert metrics["stage1/p_at_1"] >= 0.5  # chance: 2/11
     skipped = json.loads((runs[0].parent / "skipped_images.json").read_text())
-    assert skipped == {"query": [f"{faces[0][1]}/noise.jpg"]}
+    assert sorted(skipped["query"]) == sorted(
+        f"{faces[k][1]}/{name}"
+        for k, name in ((0, "noise.jpg"), (1, "broken.jpg"), (2, "huge.png"))
+    )
 
 
 def test_report_names_a_failed_job_of_the_sweep(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from faceemd.data.errors import BadImageError
+from faceemd.data.errors import BadImageError, ImageTooLargeError
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "read_image"]
 
@@ -36,7 +36,7 @@ def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
-                raise BadImageError(
+                raise ImageTooLargeError(
                     f"image {path} is {im.width}x{im.height} pixels, above the limit of "
                     f"{max_pixels:,} (max_pixels of the data set); downscale it or raise the limit"
                 )

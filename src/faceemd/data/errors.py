@@ -3,12 +3,24 @@ so that a caller can skip that image (``on_bad_image='skip'``) or name it in its
 
 from __future__ import annotations
 
-__all__ = ["BadImageError", "NoFaceError"]
+__all__ = ["BadImageError", "ImageTooLargeError", "NoFaceError", "skip_cause"]
 
 
 class BadImageError(ValueError):
     """An image file is missing or cannot be decoded."""
 
 
+class ImageTooLargeError(BadImageError):
+    """An image has more pixels than the data set's ``max_pixels`` (refused before decoding)."""
+
+
 class NoFaceError(ValueError):
     """No usable face (box or landmarks) in an image that needs one."""
+
+
+def skip_cause(err: Exception) -> str:
+    """Why an image was skipped, as counted in summaries: ``too_large``, ``unreadable`` or
+    ``no_face``."""
+    if isinstance(err, ImageTooLargeError):
+        return "too_large"
+    return "unreadable" if isinstance(err, BadImageError) else "no_face"

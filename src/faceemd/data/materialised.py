@@ -26,7 +26,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from faceemd.console import stage_progress
-from faceemd.data.errors import BadImageError, NoFaceError
+from faceemd.data.errors import BadImageError, NoFaceError, skip_cause
 from faceemd.data.faceset import FileFaces
 from faceemd.storage.atomic import atomic_write_text
 from faceemd.storage.manifest import Manifest, landmark_list, write_image
@@ -90,8 +90,8 @@ class MaterialisedFaces(FileFaces):
     took them for its recipe (else taken here); kind: folder prefix; on_bad_image: ``error`` or ``skip``
     (unreadable source image, :class:`NoFaceError`). After construction it behaves as a
     file-backed face set over the written PNGs in source order; ``source_index[i]`` is the
-    source position of item ``i`` and ``skip_list`` holds ``(source file, reason)`` of the
-    skipped.
+    source position of item ``i``, ``skip_list`` holds ``(source file, reason)`` of the
+    skipped and ``skip_causes`` counts them by :func:`faceemd.data.errors.skip_cause`.
     """
 
     def __init__(
@@ -175,6 +175,7 @@ class MaterialisedFaces(FileFaces):
             "status": "skipped",
             "source": self.source_name(index),
             "reason": str(err),
+            "cause": skip_cause(err),
         }
 
     def _materialise(self, stamps: list[str] | None) -> None:
@@ -221,10 +222,12 @@ class MaterialisedFaces(FileFaces):
         self.finished()
         self.manifest_path = manifest.path
         self.skip_list = []
+        self.skip_causes: Counter = Counter()
         for index, rel in enumerate(rels):
             entry = done[rel]
             if entry["status"] != "ok":
                 self.skip_list.append((self.source_name(index), entry["reason"]))
+                self.skip_causes[entry.get("cause", "no_face")] += 1  # older manifests: faces
                 continue
             self.files.append(rel)
             self.labels.append(self._source_names[index])

@@ -116,6 +116,10 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         results["eval/unusable_images"] = sum(
             len(getattr(faces, "skip_list", [])) for faces in sets.values()
         )
+        for cause in ("no_face", "unreadable", "too_large"):  # why the made sets left them out
+            results[f"eval/unusable_{cause}"] = sum(
+                getattr(faces, "skip_causes", {}).get(cause, 0) for faces in sets.values()
+            )
         skipped = {k: v for k, v in skipped_images(feats, sets).items() if v}
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         config["optimized_metric"] = optimized_metric(cfg, results)

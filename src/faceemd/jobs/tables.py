@@ -5,7 +5,22 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["print_results", "print_verification"]
+__all__ = ["print_results", "print_verification", "skipped_summary"]
+
+_CAUSES = {"no_face": "no face", "unreadable": "unreadable", "too_large": "over the pixel limit"}
+
+
+def skipped_summary(results: dict) -> str:
+    """The images a job left out, in total and by reason: those its made sets (alignment,
+    overlays) skipped, by cause, and those unreadable when features were extracted, e.g.
+    ``6 (no face 4, unreadable 1, over the pixel limit 1)``."""
+    counts = {
+        name: int(results.get(f"eval/unusable_{cause}", 0)) for cause, name in _CAUSES.items()
+    }
+    counts["unreadable"] += int(results.get("eval/skipped_images", 0))
+    total = sum(counts.values())
+    parts = [f"{name} {n}" for name, n in counts.items() if n]
+    return f"{total} ({', '.join(parts)})" if parts else "0"
 
 
 def print_results(results: dict[str, float], title: str) -> None:
@@ -27,8 +42,7 @@ def print_results(results: dict[str, float], title: str) -> None:
     console.print(
         f"queries {results['eval/num_queries']} (excluded, R=0: "
         f"{results['eval/num_excluded_queries']}), gallery {results['eval/gallery_size']}, "
-        f"skipped images {results['eval/skipped_images']} (no face "
-        f"{results.get('eval/unusable_images', 0)}); seconds: extract "
+        f"skipped images {skipped_summary(results)}; seconds: extract "
         f"{results['eval/extract_seconds']:.1f}, stage 1 {results['eval/stage1_seconds']:.2f}, "
         f"stage 2 {results['eval/stage2_seconds']:.2f}"
     )
@@ -62,8 +76,7 @@ def print_verification(results: dict[str, float], title: str) -> None:
     console.print(
         f"pairs {results['eval/num_pairs']} ({results['eval/num_same_pairs']} same, "
         f"{results['eval/num_folds']} folds; dropped: {results['eval/dropped_pairs']}), images "
-        f"{results['eval/num_images']}, skipped images {results['eval/skipped_images']} (no face "
-        f"{results.get('eval/unusable_images', 0)}); "
+        f"{results['eval/num_images']}, skipped images {skipped_summary(results)}; "
         f"seconds: extract {results['eval/extract_seconds']:.1f}, stage 1 "
         f"{results['eval/stage1_seconds']:.2f}, stage 2 {results['eval/stage2_seconds']:.2f}"
     )

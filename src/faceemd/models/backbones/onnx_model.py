@@ -32,6 +32,23 @@ from faceemd.models.backbones.onnx_graph import (
 __all__ = ["OnnxBackbone", "SFace"]
 
 
+def _parse_model(data: bytes, path: Path):
+    """The ONNX model in ``data`` (read from ``path``); an empty file, bytes that are not an
+    ONNX model, or a model without a graph are a ``ValueError`` naming the file."""
+    if not data:
+        raise ValueError(f"{path} is empty (0 bytes): not an ONNX model; export or copy it again")
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as err:  # protobuf's DecodeError and friends carry no file name
+        raise ValueError(
+            f"{path} is not an ONNX model ({type(err).__name__}: {err}); check that it is a "
+            "complete .onnx file (not a checkpoint, archive or truncated download)"
+        ) from None
+    if not model.graph.node:
+        raise ValueError(f"{path} holds no ONNX graph (no nodes): not a usable face model")
+    return model
+
+
 class OnnxBackbone(FaceBackbone):
     """An ONNX face model read by onnxruntime.
 
@@ -67,7 +84,7 @@ class OnnxBackbone(FaceBackbone):
             raise FileNotFoundError(
                 f"ONNX model not found: {path} (set backbone.net.path to the .onnx file)"
             )
-        model = onnx.load_from_string(data)
+        model = _parse_model(data, path)
         self.path = str(path)
         self.embedding_name, self.grid_name = embedding, grid
         prepared = prepare_graph(model, [embedding, grid])
