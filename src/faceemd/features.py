@@ -64,6 +64,26 @@ class ExtractedFeatures:
     def __len__(self) -> int:
         return self.embeddings.shape[0]
 
+    def select(self, rows: Tensor, tag: str) -> ExtractedFeatures:
+        """The features of ``rows`` (a ``(N,)`` bool mask or row indices), keyed as this set's
+        ``tag`` subset (so that scores cached for the subset never pass for the whole set's)."""
+        rows = torch.as_tensor(rows)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+        summaries = None if self.summaries is None else tuple(s[rows] for s in self.summaries)
+        return ExtractedFeatures(
+            embeddings=self.embeddings[rows],
+            patches=self.patches[rows],
+            index=self.index[rows],
+            landmarks=self.landmarks[rows],
+            grid_shape=self.grid_shape,
+            image_size=self.image_size,
+            skipped=self.skipped,
+            labels=None if self.labels is None else self.labels[rows],
+            key=None if self.key is None else f"{self.key}:{tag}",
+            summaries=summaries,
+            verified=self.verified,
+        )
+
     def with_labels(self, labels_by_position: Tensor) -> ExtractedFeatures:
         """Attach labels, given the label of every position of the set ``(len(set),)``."""
         self.labels = labels_by_position[self.index]

@@ -56,6 +56,11 @@ class Pairs:
     def __len__(self) -> int:
         return len(self.first)
 
+    def select(self, keep: np.ndarray) -> Pairs:
+        """The pairs where ``keep (N,)`` is true (``dropped`` unchanged)."""
+        return Pairs(self.first[keep], self.second[keep], self.same[keep], self.fold[keep],
+                     self.dropped)  # fmt: skip
+
 
 class _Reader:
     """Collects ``(rel_a, rel_b, same)`` rows, naming images by relative path under ``root``."""

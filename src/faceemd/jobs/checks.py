@@ -43,6 +43,13 @@ def check_job_settings(cfg: DictConfig, datamodule, rerank: RerankConfig) -> Rer
                 else "followed by p_at_1, r_precision, map_at_r (or stage1/max_precision_at_k)"
             )
         )
+    half = cfg.get("identity_half")
+    if half is not None and (half not in (0, 1) or (not verification and datamodule.same_images)):
+        raise ValueError(
+            f"identity_half={half!r}: use 0 or 1, on a protocol with a separate gallery or on "
+            "verification pairs (where the queries are the gallery, half of the people would "
+            "also leave the gallery)"
+        )
     if verification:
         return rerank
     gallery = n_query - 1 if datamodule.same_images else len(datamodule.gallery)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from faceemd.console import quiet_console
 from faceemd.data.datamodule import VerificationDataModule
+from faceemd.data.identity_split import half_positions
 from faceemd.jobs.checks import check_job_settings, optimized_metric
 from faceemd.jobs.extraction import load_or_extract, skipped_images
 from faceemd.jobs.figures import log_figures, render_figures
@@ -79,6 +80,15 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         cache = build_cache(cfg.get("cache"))
         feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers, cache)
+        half = cfg.get("identity_half")
+        if half is not None:  # one half of the people only: settings chosen on the other
+            mine = half_positions(datamodule.query, int(half), int(cfg.identity_split_seed))
+            if isinstance(datamodule, VerificationDataModule):
+                pairs = datamodule.pairs
+                datamodule.pairs = pairs.select(mine[pairs.first] & mine[pairs.second])
+            else:
+                rows = torch.from_numpy(mine[feats["query"].index.numpy()])
+                feats["query"] = feats["query"].select(rows, f"identity_half{half}")
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
@@ -98,6 +108,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
                 cache_key(kind="embeddings", features=keys) if all(keys) else None,
                 own_original_rows(datamodule, feats),
             )  # fmt: skip
+            if half is not None:
+                results["eval/identity_half"] = int(half)
             if datamodule.exclude_own_original:
                 results["eval/own_original_excluded"] = 1
             if datamodule.limit_queries is not None:
