@@ -29,6 +29,7 @@ def test_the_halves_rank_the_whole_set_s_queries_between_them(compose_evaluate, 
     assert sum(counts) == whole["eval/num_queries"] and min(counts) > 0
     assert [h["eval/identity_half"] for h in halves] == [0, 1]
     assert halves[0]["eval/gallery_size"] == whole["eval/gallery_size"]
+    assert not list(tmp_path.rglob("skipped_images.json"))  # the other half is not "skipped"
     for stage in ("stage1", "stage2"):
         mean = sum(n * h[f"{stage}/p_at_1"] for n, h in zip(counts, halves, strict=True)) / sum(
             counts

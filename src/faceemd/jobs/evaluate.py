@@ -80,6 +80,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
         cache = build_cache(cfg.get("cache"))
         feats, counters, is_zero = load_or_extract(cfg, backbone, datamodule, loggers, cache)
+        extracted = dict(feats)  # every set's rows (skipped images are those without one)
         half = cfg.get("identity_half")
         if half is not None:  # one half of the people only: settings chosen on the other
             mine = half_positions(datamodule.query, int(half), int(cfg.identity_split_seed))
@@ -132,7 +133,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             results[f"eval/unusable_{cause}"] = sum(
                 getattr(faces, "skip_causes", {}).get(cause, 0) for faces in sets.values()
             )
-        skipped = {k: v for k, v in skipped_images(feats, sets).items() if v}
+        skipped = {k: v for k, v in skipped_images(extracted, sets).items() if v}
         config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         config["optimized_metric"] = optimized_metric(cfg, results)
         write_json(out_dir / "metrics.json", {"metrics": results, "config": config})
