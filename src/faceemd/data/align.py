@@ -36,6 +36,7 @@ __all__ = [
     "Template",
     "align_face",
     "align_folder",
+    "alignment_matrix",
     "five_points",
     "resolve_template",
     "template_points",
@@ -162,17 +163,24 @@ def five_points(lmk68: np.ndarray) -> np.ndarray:
     ).astype(np.float64)
 
 
+def alignment_matrix(points5: np.ndarray, template: str | Template) -> np.ndarray:
+    """The ``2x3`` similarity mapping source pixels to the aligned image's pixels (the
+    template's output size) for a face with 5 points ``points5 (5, 2)``."""
+    t = TEMPLATES[template] if isinstance(template, str) else template
+    m = umeyama(points5, np.asarray(t.points))
+    (ch, cw), (h, w) = t.crop, t.size
+    out_scale = np.array([[w / cw, 0, 0], [0, h / ch, 0], [0, 0, 1]])
+    return (out_scale @ np.vstack([m, [0, 0, 1]]))[:2]
+
+
 def align_face(
     image: np.ndarray, points5: np.ndarray, template: str | Template = "sphereface_112x96"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` so its 5 points meet the template; returns ``(aligned, M)`` where ``M``
     (2x3) maps source pixels to aligned pixels."""
     t = TEMPLATES[template] if isinstance(template, str) else template
-    m = umeyama(points5, np.asarray(t.points))
-    ch, cw = t.crop
     h, w = t.size
-    out_scale = np.array([[w / cw, 0, 0], [0, h / ch, 0], [0, 0, 1]])
-    full = out_scale @ np.vstack([m, [0, 0, 1]])
+    full = np.vstack([alignment_matrix(points5, t), [0, 0, 1]])
     src = image
     pre = np.eye(3)
     scale = float(np.sqrt(abs(np.linalg.det(full[:2, :2]))))
