@@ -60,7 +60,7 @@ class RecordTrainStart(L.Callback):
 
 
 def make_slow_copies(source_root: str, out_root: str) -> None:
-    """Copy the identity folder ``source_root`` into a made set under ``out_root``, 50 ms per
+    """Copy the identity folder ``source_root`` into a made set under ``out_root``, 0.3 s per
     image (two processes started together overlap), and print the set's size."""
     import time
 
@@ -72,7 +72,7 @@ def make_slow_copies(source_root: str, out_root: str) -> None:
             super().__init__(source, {"kind": "slow copy"}, out, "slow", "error")
 
         def make(self, index, image, lmk, rel):
-            time.sleep(0.05)
+            time.sleep(0.3)
             return image, None, {}
 
     print(len(SlowCopies(ImageFolderFaces(source_root), out_root)))
