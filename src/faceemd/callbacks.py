@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from faceemd.emd import Ranking, RerankConfig
+from faceemd.emd.projection import reduced_banks
 from faceemd.features import ExtractedFeatures
 from faceemd.ranking import evaluate_features
 
@@ -168,9 +169,10 @@ class RerankEvaluation(FeatureCollector):
         query = self.features[0]
         gallery = query if same else self.features[1]
         # every process ranks a block of queries; all end with the same gathered result
-        results, self.ranking = evaluate_features(
-            query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg, same
+        banks = reduced_banks(
+            query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg.patch_dim, same
         )
+        results, self.ranking = evaluate_features(*banks, self.cfg, same)
         results["eval/extract_seconds"] = self.extract_seconds
         results["eval/skipped_images"] = query.skipped + (0 if same else gallery.skipped)
         self.results = results

@@ -73,6 +73,8 @@ class RerankConfig:
     per query (more: higher recall of the exact top-k, slower).
     grid: optional ``(H', W')`` the patch grids are pooled to before ranking (paper: 8x8 or 4x4);
     None keeps the backbone's native grid.
+    patch_dim: stage 2 in a ``d``-dimensional patch space fitted on the gallery
+    (:mod:`faceemd.emd.projection`); None keeps the full dimension.
     """
 
     top_k: int = 100
@@ -93,6 +95,7 @@ class RerankConfig:
     stage1_index: str = _no_score_effect("exact")
     ivf_nprobe: int = _no_score_effect(32)
     grid: tuple[int, int] | None = None
+    patch_dim: int | None = None
 
     def score_settings(self) -> dict:
         """The fields stage-2 EMD similarities depend on (the score cache key)."""
@@ -140,6 +143,8 @@ class RerankConfig:
             self.grid = tuple(int(g) for g in self.grid)
             if len(self.grid) != 2 or min(self.grid) < 1:
                 raise ValueError(f"grid must be [H, W] with H, W >= 1, got {self.grid}")
+        if self.patch_dim is not None and int(self.patch_dim) < 1:
+            raise ValueError(f"patch_dim must be >= 1 (or null), got {self.patch_dim}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.blend not in ("linear", "sum"):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from faceemd.console import quiet_console
 from faceemd.data.datamodule import VerificationDataModule
 from faceemd.data.identity_split import half_positions
+from faceemd.emd.projection import reduced_banks
 from faceemd.jobs.checks import check_job_settings, optimized_metric
 from faceemd.jobs.extraction import load_or_extract, skipped_images
 from faceemd.jobs.figures import log_figures, render_figures
@@ -93,6 +94,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
+        query, gallery = reduced_banks(query, gallery, rerank.patch_dim, same)
         ranking = pair_scores = None
         if isinstance(datamodule, VerificationDataModule):
             scores = ScoreCache(cache, feats, rerank)

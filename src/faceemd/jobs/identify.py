@@ -42,6 +42,7 @@ from faceemd.data.detection import YuNetDetector
 from faceemd.data.errors import BadImageError
 from faceemd.data.layouts import FlatFolderFaces, ImageFolderFaces
 from faceemd.emd import two_stage_rank
+from faceemd.emd.projection import reduced_banks
 from faceemd.jobs.extraction import load_or_extract
 from faceemd.jobs.identify_page import write_page
 from faceemd.jobs.instantiators import build_cache, rerank_config
@@ -191,7 +192,9 @@ def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, templa
     g_feats = feats["gallery"]
     rerank = rerank_config(cfg.rerank)
     rerank = dataclasses.replace(rerank, top_k=min(rerank.top_k, len(g_feats)))
-    qb, gb = feats["query"].to_bank(rerank.grid), g_feats.to_bank(rerank.grid)
+    qb, gb = reduced_banks(
+        feats["query"].to_bank(rerank.grid), g_feats.to_bank(rerank.grid), rerank.patch_dim, False
+    )
     ranking = two_stage_rank(qb, gb, rerank, depth=min(len(g_feats), max(rerank.top_k, 200)))
     inverse = {i: name for name, i in datamodule.vocab.items()}
     names = [inverse[int(x)] for x in gb.labels]
