@@ -49,7 +49,7 @@ class RandomStateCheckpoint(L.Callback):
                 "pos": pos,
                 "has_gauss": has_gauss,
                 "gauss": gauss,
-            },  # fmt: skip
+            },
             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
         }
 

@@ -3,7 +3,14 @@ so that a caller can skip that image (``on_bad_image='skip'``) or name it in its
 
 from __future__ import annotations
 
-__all__ = ["BadImageError", "ImageTooLargeError", "NoFaceError", "skip_cause"]
+__all__ = ["SKIP_CAUSES", "BadImageError", "ImageTooLargeError", "NoFaceError", "skip_cause"]
+
+# Why an image was left out, as summaries count it: cause -> how the console names it.
+SKIP_CAUSES = {
+    "no_face": "no face",
+    "unreadable": "unreadable",
+    "too_large": "over the pixel limit",
+}
 
 
 class BadImageError(ValueError):
@@ -19,8 +26,7 @@ class NoFaceError(ValueError):
 
 
 def skip_cause(err: Exception) -> str:
-    """Why an image was skipped, as counted in summaries: ``too_large``, ``unreadable`` or
-    ``no_face``."""
+    """Why an image was skipped: a key of :data:`SKIP_CAUSES`."""
     if isinstance(err, ImageTooLargeError):
         return "too_large"
     return "unreadable" if isinstance(err, BadImageError) else "no_face"

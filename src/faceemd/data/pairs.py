@@ -250,6 +250,7 @@ class PairFaces(FileFaces):
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         super().__init__(root, on_bad_image, landmarks, max_pixels)
         if layout.startswith("cfp"):
+            source = self.root / "Protocol"
             rows, fold = _read_cfp(self.root, layout[4:].upper())
         else:
             if pairs_file is None:
@@ -268,9 +269,7 @@ class PairFaces(FileFaces):
                 )
             size = len(rows) // folds
             fold = [i // size for i in range(len(rows))]
-        rows, fold = _checked_pairs(
-            rows, fold, source if not layout.startswith("cfp") else self.root
-        )
+        rows, fold = _checked_pairs(rows, fold, source)
         position: dict[str, int] = {}
         for a, b, _ in rows:
             for rel in (a, b):
@@ -368,8 +367,8 @@ def images_in_pairs(pairs_file: Path, root: Path, stems: dict[str, str]) -> list
     seen: dict[str, None] = {}
     for line_no, line in enumerate(read_text_lines(pairs_file), 1):
         for token in line.split():
-            stem = Path(token).stem if Path(token).suffix.lower() in IMAGE_SUFFIXES else token
             if Path(token).suffix.lower() in IMAGE_SUFFIXES:
+                stem = Path(token).stem
                 if stem not in stems:
                     raise BadImageError(
                         f"{pairs_file}:{line_no} names {token}, which is not in {root}"

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from faceemd.console import quiet_console
 from faceemd.data.datamodule import VerificationDataModule
+from faceemd.data.errors import SKIP_CAUSES
 from faceemd.data.identity_split import half_positions
 from faceemd.emd.projection import reduced_banks
 from faceemd.jobs.checks import check_job_settings, optimized_metric
@@ -30,7 +31,6 @@ from faceemd.jobs.figures import log_figures, render_figures
 from faceemd.jobs.instantiators import (
     build_cache,
     build_loggers,
-    cache_settings,
     finish_loggers,
     rerank_config,
 )
@@ -102,7 +102,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         else:
             # every process ranks its block of queries (one block without a process group)
             r_counts_query = bool((cfg.get("metrics") or {}).get("r_counts_query", False))
-            share = cache_settings(cfg.get("cache")).sweep_weightings
+            share = cache is not None and cache.settings.sweep_weightings
             others = swept_values("rerank.weighting") if share else []
             scores = ScoreCache(cache, feats, rerank, (query, gallery), others)
             keys = [f.key for f in feats.values()]
@@ -111,8 +111,6 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
                 cache_key(kind="embeddings", features=keys) if all(keys) else None,
                 own_original_rows(datamodule, feats),
             )  # fmt: skip
-            if half is not None:
-                results["eval/identity_half"] = int(half)
             if datamodule.exclude_own_original:
                 results["eval/own_original_excluded"] = 1
             if datamodule.limit_queries is not None:
@@ -121,6 +119,8 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             results.update({f"eval/solver_{k}": v for k, v in scores.stats.items()})
             results["eval/prefetched_weightings"] = len(scores.prefetched)
         results["eval/cached_stage2"] = int(scores.hit)
+        if half is not None:
+            results["eval/identity_half"] = int(half)
         if not is_zero:
             return {}
         results.update(counters)
@@ -131,7 +131,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         results["eval/unusable_images"] = sum(
             len(getattr(faces, "skip_list", [])) for faces in sets.values()
         )
-        for cause in ("no_face", "unreadable", "too_large"):  # why the made sets left them out
+        for cause in SKIP_CAUSES:  # why the made sets left them out
             results[f"eval/unusable_{cause}"] = sum(
                 getattr(faces, "skip_causes", {}).get(cause, 0) for faces in sets.values()
             )

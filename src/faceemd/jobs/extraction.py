@@ -20,7 +20,7 @@ from faceemd.callbacks import FeatureCollector
 from faceemd.console import LabelledProgressBar
 from faceemd.emd import nonfinite_rows
 from faceemd.features import ExtractedFeatures
-from faceemd.jobs.instantiators import build_callbacks, cache_settings, extraction_settings
+from faceemd.jobs.instantiators import build_callbacks, extraction_settings
 from faceemd.models.extractor import FaceFeatureExtractor
 from faceemd.models.inference import prepare_for_inference
 from faceemd.storage.feature_cache import FeatureCache, cache_key, state_dict_digest
@@ -131,8 +131,7 @@ def load_or_extract(
     sets = {"query": datamodule.query}
     if not datamodule.same_images:
         sets["gallery"] = datamodule.gallery
-    settings = cache_settings(cfg.get("cache"))
-    chunk = settings.chunk_images if cache is not None else 0
+    chunk = cache.settings.chunk_images if cache is not None else 0
     digest = state_dict_digest(backbone) if cache else ""
     units: list[Part] = []
     for name, faces in sets.items():
@@ -144,7 +143,7 @@ def load_or_extract(
                 cfg.backbone,
                 cache.dtype,
                 datamodule.face_input.warp,
-                settings.content_hash,
+                cache.settings.content_hash,
             )
         for a, b in _parts(len(faces), chunk):
             part = {**ingredients, "part": [a, b, len(faces)]} if ingredients else None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["print_results", "print_verification", "skipped_summary"]
+from faceemd.data.errors import SKIP_CAUSES
 
-_CAUSES = {"no_face": "no face", "unreadable": "unreadable", "too_large": "over the pixel limit"}
+__all__ = ["print_results", "print_verification", "skipped_summary"]
 
 
 def skipped_summary(results: dict) -> str:
@@ -15,7 +15,7 @@ def skipped_summary(results: dict) -> str:
     overlays) skipped, by cause, and those unreadable when features were extracted, e.g.
     ``6 (no face 4, unreadable 1, over the pixel limit 1)``."""
     counts = {
-        name: int(results.get(f"eval/unusable_{cause}", 0)) for cause, name in _CAUSES.items()
+        name: int(results.get(f"eval/unusable_{cause}", 0)) for cause, name in SKIP_CAUSES.items()
     }
     counts["unreadable"] += int(results.get("eval/skipped_images", 0))
     total = sum(counts.values())

@@ -209,7 +209,7 @@ class FeatureCache:
     for the stored patch grids (embeddings stay float32). mmap: map entries instead of
     reading them. verify: check the SHA-256 on load (reads the whole entry once). memo_mb:
     memory the sets loaded in this process may keep between jobs (mapped sets count nothing);
-    0 keeps none.
+    0 keeps none. ``settings``: the :class:`CacheSettings` it was made with.
     """
 
     def __init__(
@@ -220,7 +220,8 @@ class FeatureCache:
         verify: bool = CacheSettings.verify,
         memo_mb: int = CacheSettings.memo_mb,
     ) -> None:
-        CacheSettings(dtype=dtype)  # validates
+        self.settings = CacheSettings(dir=str(root), dtype=dtype, mmap=mmap, verify=verify,
+                                      memo_mb=memo_mb)  # fmt: skip
         self.root = Path(root)
         self.dtype = dtype
         self.mmap = mmap
@@ -230,7 +231,11 @@ class FeatureCache:
 
     @classmethod
     def from_settings(cls, settings: CacheSettings) -> FeatureCache:
-        return cls(settings.dir, settings.dtype, settings.mmap, settings.verify, settings.memo_mb)
+        """The cache of ``settings``, which it keeps (``chunk_images``, ``content_hash`` and
+        ``sweep_weightings`` are read from it by the jobs)."""
+        cache = cls(settings.dir, settings.dtype, settings.mmap, settings.verify, settings.memo_mb)
+        cache.settings = settings
+        return cache
 
     def _remove_stale_temporaries(self) -> None:
         """Delete temporary files (:func:`faceemd.storage.atomic.atomic_write`) whose writer is
@@ -272,7 +277,8 @@ class FeatureCache:
                     arrays = {name: fh.get_tensor(name) for name in names}
             if meta.get("key") != key:  # e.g. two entries' files swapped or copied over
                 raise ValueError(f"the file holds entry {meta.get('key')!r}, not this one")
-            digest, bad = _scan(arrays, path, self.verify, _FINITE)
+            # the mapped arrays are read back from the file; the library's are in memory
+            digest, bad = _scan(arrays, path if self.mmap else None, self.verify, _FINITE)
             if self.verify and digest != meta.get("sha256"):
                 raise ValueError("checksum mismatch")
             if bad is not None:
