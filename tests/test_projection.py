@@ -6,6 +6,9 @@ from torch.testing import assert_close
 
 from faceemd.emd import FeatureBank, RerankConfig, stage1_topk, stage2_scores
 from faceemd.emd.projection import fit_patch_basis, reduced_banks
+from faceemd.emd.stage2 import refined_columns
+from faceemd.storage.feature_cache import FeatureCache
+from faceemd.storage.patch_space import PatchSpaceStore
 
 
 def _banks(span: int | None, c: int = 16, seed: int = 0):
@@ -58,3 +61,80 @@ def test_the_basis_is_orthonormal_deterministic_and_fitted_on_the_gallery_alone(
         fit_patch_basis(gallery.patches, 17)
     with pytest.raises(ValueError, match="patch_dim must be >= 1"):
         RerankConfig(patch_dim=0)
+
+
+def test_refined_columns_alternate_the_emd_and_cosine_orders():
+    """Hand-worked: screened EMD [0.1, 0.9, 0.5, 0.3] orders the columns 1, 2, 3, 0; the
+    cosine order is 0, 1, 2, 3. Alternating (EMD first), each once: 1, 0, 2, 3."""
+    screened = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    assert refined_columns(screened, 3).tolist() == [[1, 0, 2]]
+    assert refined_columns(screened, 10).tolist() == [[1, 0, 2, 3]]
+    # the EMD's best is also the cosine's best: the next of each order follow
+    assert refined_columns(torch.tensor([[0.9, 0.1, 0.5, 0.3]]), 3).tolist() == [[0, 2, 1]]
+
+
+def test_refine_top_rescores_the_chosen_candidates_at_full_dimension():
+    """patch_dim 3 of 16 with refine_top 4 of 8 candidates: the refined candidates' scores equal
+    the full-dimension scores (brute force over all candidates, tolerance 1e-6); the others are
+    the reduced-space scores shifted by the mean full - reduced difference of the refined."""
+    query, gallery = _banks(span=None)
+    _, cand = stage1_topk(query.embeddings, gallery.embeddings, 8)
+    cfg = RerankConfig(top_k=8, patch_dim=3, refine_top=4)
+    full = stage2_scores(query, gallery, cand, cfg)  # full-dimension banks: no screen
+    q3, g3 = reduced_banks(query, gallery, 3, False)
+    screened = stage2_scores(q3, g3, cand, RerankConfig(top_k=8, patch_dim=3))
+    refined = stage2_scores(q3, g3, cand, cfg)
+    cols = refined_columns(screened, 4)
+    assert_close(refined.gather(1, cols), full.gather(1, cols), atol=1e-6, rtol=0)
+    offset = (full.gather(1, cols) - screened.gather(1, cols)).mean(1, keepdim=True)
+    rest = torch.ones_like(refined, dtype=torch.bool).scatter_(1, cols, False)
+    assert_close(refined[rest], (screened + offset)[rest], atol=1e-6, rtol=0)
+    # every candidate refined: the full dimension's scores
+    every = RerankConfig(top_k=8, patch_dim=3, refine_top=8)
+    assert_close(stage2_scores(q3, g3, cand, every), full, atol=1e-6, rtol=0)
+
+
+def test_reduced_grids_are_cached_and_rebuilt_when_the_dimension_or_basis_changes(tmp_path):
+    query, gallery = _banks(span=None)
+    cache = FeatureCache(tmp_path)
+    made = []
+
+    def store(g_key="g"):
+        return PatchSpaceStore(cache, "q", g_key, None)
+
+    def counting(s):  # a store that records what it had to make
+        gallery_space, query_grids = s.gallery, s.query
+        s.gallery = lambda d, make: gallery_space(d, lambda: made.append("g") or make())
+        s.query = lambda b, make: query_grids(b, lambda: made.append("q") or make())
+        return s
+
+    q6, g6 = reduced_banks(query, gallery, 6, False, counting(store()))
+    assert made == ["g", "q"]
+    plain_q, plain_g = reduced_banks(query, gallery, 6, False)
+    assert torch.equal(q6.patches, plain_q.patches) and torch.equal(g6.patches, plain_g.patches)
+    again_q, again_g = reduced_banks(query, gallery, 6, False, counting(store()))
+    assert made == ["g", "q"]  # both read back
+    assert torch.equal(again_q.patches, q6.patches) and torch.equal(again_g.patches, g6.patches)
+    reduced_banks(query, gallery, 4, False, counting(store()))
+    assert made == ["g", "q", "g", "q"]  # another dimension: another basis, other query grids
+    # another gallery (its features re-extracted): a new basis, so the query's grids are remade
+    _, other_gallery = _banks(span=None, seed=5)
+    reduced_banks(query, other_gallery, 6, False, counting(store("g2")))
+    assert made[4:] == ["g", "q"]
+
+
+def test_evaluate_with_patch_dim_reads_the_reduced_grids_back(compose_evaluate, tmp_path):
+    """A second job with the same patch_dim takes the basis and grids from the cache and gets
+    the first job's metrics; the first job's match a job without the cache."""
+    from faceemd.jobs.evaluate import run_evaluation
+
+    base = [f"paths.log_dir={tmp_path}", "data.query.num_identities=6", "rerank.top_k=5",
+            "backbone=tiny_cnn", "logger=none", "trainer.enable_progress_bar=false",
+            "rerank.patch_dim=8", "rerank.refine_top=2"]  # fmt: skip
+    first = run_evaluation(compose_evaluate(base))
+    stored = {p.name for p in (tmp_path / "cache").rglob("*.safetensors")}
+    second = run_evaluation(compose_evaluate(base))
+    off = run_evaluation(compose_evaluate([*base, "cache=off"]))
+    assert {p.name for p in (tmp_path / "cache").rglob("*.safetensors")} == stored
+    for key in ("stage1/p_at_1", "stage2/p_at_1", "stage2/map_at_r"):
+        assert first[key] == second[key] == off[key]

@@ -26,6 +26,9 @@ class FeatureBank:
     verified: the features are known to be finite (checked when they were cached).
     quantized: optional int8 codes ``(N, R, C)`` and scales ``(N, R)`` of the normalised
     patches (:func:`faceemd.emd.cost.quantize_patches`) for ``cost_dtype='int8'``.
+    full: for patches projected into a smaller space (``rerank.patch_dim``,
+    :mod:`faceemd.emd.projection`), the same set's full-dimension bank: ``rerank.refine_top``
+    rescores a query's best candidates on it.
     """
 
     embeddings: Tensor
@@ -35,6 +38,7 @@ class FeatureBank:
     summaries: tuple[Tensor, Tensor] | None = None
     verified: bool = False
     quantized: tuple[Tensor, Tensor] | None = None
+    full: FeatureBank | None = None
 
     def __post_init__(self) -> None:
         n = self.embeddings.shape[0]

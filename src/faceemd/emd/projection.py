@@ -2,13 +2,18 @@
 ``d`` principal directions of the gallery's own patches.
 
 The patch-cosine product of stage 2 costs ``R * R' * C`` per problem; in ``d < C`` dimensions
-it costs ``d / C`` of that. The basis is fitted on gallery patches only (never on queries, so
-a query cannot change it): up to ``max_patches`` unit-normalised patches drawn with a seeded
-generator, their top-``d`` right singular vectors (an orthonormal ``(C, d)`` matrix). Query and
-gallery patches are replaced by their coordinates in it (an orthogonal projection: where the
-basis spans the patches, every dot product, cosine and mean is kept exactly), so the cosine
-ground distance, the patch means of APC and the sums of SC are those of the projected
-patches. Embeddings (stage 1, CC) are unchanged. ``patch_dim=None`` keeps the full dimension.
+it costs ``d / C`` of that, and the grids stage 2 gathers (and a feature cache stores and maps)
+shrink by ``C / d``. The basis is fitted on gallery patches only (never on queries, so a query
+cannot change it, and no training set is needed for a user's own model): up to ``max_patches``
+unit-normalised patches drawn with a seeded generator, their top-``d`` right singular vectors
+(an orthonormal ``(C, d)`` matrix). Query and gallery patches are replaced by their
+coordinates in it (an orthogonal projection, not renormalised: where the basis spans the
+patches, every dot product, cosine and mean is kept exactly), so the cosine ground distance,
+the patch means of APC and the sums of SC are those of the projected patches. Embeddings
+(stage 1, CC) are unchanged. ``patch_dim=None`` keeps the full dimension.
+
+A projected bank keeps the full-dimension bank it came from (:attr:`FeatureBank.full`), which
+``rerank.refine_top`` rescores its few best candidates with (:mod:`faceemd.emd.stage2`).
 """
 
 from __future__ import annotations
@@ -19,12 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from faceemd.emd.bank import FeatureBank
+from faceemd.emd.bank import FeatureBank, patch_summaries
 
-__all__ = ["fit_patch_basis", "project_bank", "reduced_banks"]
+__all__ = [
+    "BASIS_SAMPLE",
+    "fit_patch_basis",
+    "project_bank",
+    "project_patches",
+    "reduced_banks",
+]
+
+BASIS_SAMPLE = 100_000  # gallery patches the basis is fitted on (at most)
 
 
-def fit_patch_basis(patches: Tensor, dim: int, max_patches: int = 100_000, seed: int = 0) -> Tensor:
+def fit_patch_basis(
+    patches: Tensor, dim: int, max_patches: int = BASIS_SAMPLE, seed: int = 0
+) -> Tensor:
     """Orthonormal ``(C, dim)`` basis of the top principal directions (uncentred: the cosine
     geometry of unit patches) of ``patches (N, R, C)``; deterministic for ``seed``."""
     n, r, c = patches.shape
@@ -43,20 +58,56 @@ def fit_patch_basis(patches: Tensor, dim: int, max_patches: int = 100_000, seed:
     return basis * sign
 
 
-def project_bank(bank: FeatureBank, basis: Tensor) -> FeatureBank:
-    """``bank`` with its patches ``(N, R, C)`` as coordinates ``(N, R, d)`` in ``basis (C, d)``;
-    patch summaries and int8 codes are dropped (they are of the old patches)."""
-    patches = bank.patches.float() @ basis
-    return dataclasses.replace(bank, patches=patches, summaries=None, quantized=None)
+def project_patches(patches: Tensor, basis: Tensor, chunk_rows: int = 4096) -> Tensor:
+    """Coordinates ``(N, R, d)`` float32 of ``patches (N, R, C)`` in ``basis (C, d)``, a block
+    of rows at a time (a memory-mapped gallery is streamed, not copied whole)."""
+    n, r, _ = patches.shape
+    out = torch.empty(n, r, basis.shape[1])
+    for i in range(0, n, chunk_rows):
+        torch.matmul(patches[i : i + chunk_rows].float(), basis, out=out[i : i + chunk_rows])
+    return out
+
+
+def project_bank(bank: FeatureBank, basis: Tensor, patches: Tensor | None = None) -> FeatureBank:
+    """``bank`` with its patches ``(N, R, C)`` as coordinates ``(N, R, d)`` in ``basis (C, d)``
+    (``patches``: those coordinates when already made, e.g. read from a cache), their norms and
+    means, and the full-dimension bank kept as ``full``; int8 codes are dropped (they are of the
+    full patches)."""
+    reduced = project_patches(bank.patches, basis) if patches is None else patches
+    return dataclasses.replace(
+        bank, patches=reduced, summaries=patch_summaries(reduced), quantized=None, full=bank
+    )
 
 
 def reduced_banks(
-    query: FeatureBank, gallery: FeatureBank, patch_dim: int | None, same_images: bool
+    query: FeatureBank,
+    gallery: FeatureBank,
+    patch_dim: int | None,
+    same_images: bool,
+    store=None,
 ) -> tuple[FeatureBank, FeatureBank]:
     """The query and gallery banks in the ``patch_dim`` space fitted on the gallery (unchanged
-    for ``None``); one bank when the queries are the gallery."""
+    for ``None``); one bank when the queries are the gallery.
+
+    store: optional :class:`faceemd.storage.patch_space.PatchSpaceStore` (anything with its
+    ``gallery(dim, make)`` and ``query(basis, make)``): the basis and reduced grids are taken
+    from it, or made and stored in it."""
     if patch_dim is None:
         return query, gallery
-    basis = fit_patch_basis(gallery.patches, int(patch_dim))
-    gallery = project_bank(gallery, basis)
-    return (gallery if same_images else project_bank(query, basis)), gallery
+    dim = int(patch_dim)
+
+    def gallery_space() -> tuple[Tensor, Tensor]:
+        basis = fit_patch_basis(gallery.patches, dim)
+        return basis, project_patches(gallery.patches, basis)
+
+    if store is None:
+        basis, g_grids = gallery_space()
+    else:
+        basis, g_grids = store.gallery(dim, gallery_space)
+    reduced_gallery = project_bank(gallery, basis, g_grids)
+    if same_images:
+        return reduced_gallery, reduced_gallery
+    q_grids = None
+    if store is not None:
+        q_grids = store.query(basis, lambda: project_patches(query.patches, basis))
+    return project_bank(query, basis, q_grids), reduced_gallery

@@ -75,6 +75,10 @@ class RerankConfig:
     None keeps the backbone's native grid.
     patch_dim: stage 2 in a ``d``-dimensional patch space fitted on the gallery
     (:mod:`faceemd.emd.projection`); None keeps the full dimension.
+    refine_top: with ``patch_dim``, each query's ``m`` most promising candidates (the first
+    ``m`` when its top-k are taken alternately by the reduced space's EMD similarity and by
+    cosine) are rescored at full dimension (:func:`faceemd.emd.stage2.stage2_scores_for`);
+    None (or no ``patch_dim``): none are.
     """
 
     top_k: int = 100
@@ -96,12 +100,17 @@ class RerankConfig:
     ivf_nprobe: int = _no_score_effect(32)
     grid: tuple[int, int] | None = None
     patch_dim: int | None = None
+    refine_top: int | None = None
 
     def score_settings(self) -> dict:
-        """The fields stage-2 EMD similarities depend on (the score cache key)."""
-        return {
+        """The fields stage-2 EMD similarities depend on (the score cache key); ``refine_top``
+        only where it does anything (so the keys of other settings stay as they were)."""
+        settings = {
             f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("scores", True)
         }
+        if self.patch_dim is None or self.refine_top is None:
+            del settings["refine_top"]
+        return settings
 
     @property
     def method(self) -> MethodSettings:
@@ -145,6 +154,8 @@ class RerankConfig:
                 raise ValueError(f"grid must be [H, W] with H, W >= 1, got {self.grid}")
         if self.patch_dim is not None and int(self.patch_dim) < 1:
             raise ValueError(f"patch_dim must be >= 1 (or null), got {self.patch_dim}")
+        if self.refine_top is not None and int(self.refine_top) < 1:
+            raise ValueError(f"refine_top must be >= 1 (or null), got {self.refine_top}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if self.blend not in ("linear", "sum"):

@@ -27,6 +27,7 @@ __all__ = [
     "emd_has_weight",
     "merge_solver_stats",
     "prepare_gallery",
+    "refined_columns",
     "stage2_depth",
     "stage2_rerank",
     "stage2_scores",
@@ -70,12 +71,19 @@ def stage2_scores_for(
     ``{weighting: (Q, k)}``. The candidates are gathered and their patch cosines computed once
     per query batch for all of them (:func:`faceemd.emd.problems.emd_problems`); only the
     solves are per weighting. ``stats`` describe the first weighting's solves. From
-    ``_BAR_PROBLEMS`` problems on, a ``stage 2`` progress bar counts the queries."""
+    ``_BAR_PROBLEMS`` problems on, a ``stage 2`` progress bar counts the queries.
+
+    With banks in a reduced patch space (:func:`faceemd.emd.projection.reduced_banks`) and
+    ``cfg.refine_top``, the reduced space screens all ``k`` candidates and the most promising
+    are rescored at full dimension (:func:`_screen_and_refine`); candidates must then be in
+    stage-1 order (best cosine first), as :func:`faceemd.emd.two_stage_rank` passes them."""
     if candidates.dim() != 2 or candidates.shape[0] != len(query):
         raise ValueError(
             f"candidates must be (Q, k) with Q = {len(query)} queries, got {tuple(candidates.shape)}"
         )
     weightings = list(dict.fromkeys(weightings))
+    if cfg.refine_top is not None and query.full is not None and gallery.full is not None:
+        return _screen_and_refine(query, gallery, candidates, cfg, weightings, stats)
     gallery = prepare_gallery(gallery, cfg)
     norms, pooled = gallery.summaries
     rows, scales = gallery.quantized if cfg.cost_dtype == "int8" else (gallery.patches, None)
@@ -154,6 +162,54 @@ def stage2_scores_for(
             max_iterations=int(iterations.max()),
             unconverged=unconverged[weightings[0]],
         )
+    return out
+
+
+def refined_columns(screened: Tensor, m: int) -> Tensor:
+    """``(Q, min(m, k))`` columns of each query's ``k`` candidates (in stage-1 order) worth
+    rescoring: taken alternately from the order of ``screened (Q, k)`` (best EMD similarity
+    first) and the stage-1 order (best cosine first), each taken once. Any blend of the two
+    scores ranks its winner near the front of one of the two orders, whatever alpha is, so the
+    choice (and the cached scores) need not depend on alpha."""
+    q, k = screened.shape
+    by_emd = torch.argsort(screened, dim=1, descending=True, stable=True)
+    positions = torch.arange(k).expand(q, k)
+    rank_emd = torch.empty_like(by_emd).scatter_(1, by_emd, positions)
+    # 2 * (best of the two ranks), + 1 when the cosine's is the better: unique per query
+    priority = 2 * torch.minimum(rank_emd, positions) + (rank_emd > positions).long()
+    return torch.topk(priority, min(m, k), dim=1, largest=False, sorted=True).indices
+
+
+def _screen_and_refine(
+    query: FeatureBank,
+    gallery: FeatureBank,
+    candidates: Tensor,
+    cfg: RerankConfig,
+    weightings: list[str],
+    stats: dict | None,
+) -> dict[str, Tensor]:
+    """``rerank.refine_top``: EMD similarities of all candidates in the reduced space, then the
+    :func:`refined_columns` of each query rescored at full dimension (``query.full``,
+    ``gallery.full``). The other candidates keep their reduced-space similarity shifted by the
+    query's mean difference between the two over its rescored candidates, so that both kinds sit
+    on one scale. ``stats`` cover both passes' solves."""
+    plain = dataclasses.replace(cfg, refine_top=None)
+    screen_stats: dict = {}
+    screened = stage2_scores_for(query, gallery, candidates, plain, weightings, screen_stats)
+    blocks = [screen_stats]
+    out = {}
+    for w in weightings:
+        cols = refined_columns(screened[w], int(cfg.refine_top))
+        refine_stats: dict = {}
+        exact = stage2_scores_for(
+            query.full, gallery.full, candidates.gather(1, cols), plain, [w], refine_stats
+        )[w]
+        if w == weightings[0]:
+            blocks.append(refine_stats)
+        offset = (exact - screened[w].gather(1, cols)).mean(1, keepdim=True)
+        out[w] = (screened[w] + offset).scatter_(1, cols, exact)
+    if stats is not None:
+        stats.update(merge_solver_stats(blocks))
     return out
 
 

@@ -41,6 +41,7 @@ from faceemd.models.build import build_backbone, build_face_input
 from faceemd.ranking import evaluate_features
 from faceemd.storage.atomic import write_json
 from faceemd.storage.feature_cache import cache_key
+from faceemd.storage.patch_space import PatchSpaceStore
 from faceemd.storage.score_cache import ScoreCache
 
 __all__ = ["evaluate_job", "own_original_rows", "run_evaluation"]
@@ -94,7 +95,11 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         same = datamodule.same_images
         query = feats["query"].to_bank(rerank.grid)
         gallery = query if same else feats["gallery"].to_bank(rerank.grid)
-        query, gallery = reduced_banks(query, gallery, rerank.patch_dim, same)
+        g_key = feats["query" if same else "gallery"].key
+        store = None
+        if cache is not None and feats["query"].key and g_key:
+            store = PatchSpaceStore(cache, feats["query"].key, g_key, rerank.grid)
+        query, gallery = reduced_banks(query, gallery, rerank.patch_dim, same, store)
         ranking = pair_scores = None
         if isinstance(datamodule, VerificationDataModule):
             scores = ScoreCache(cache, feats, rerank)

@@ -48,6 +48,7 @@ from faceemd.jobs.identify_page import write_page
 from faceemd.jobs.instantiators import build_cache, rerank_config
 from faceemd.models.build import build_backbone, build_face_input
 from faceemd.storage.atomic import write_json
+from faceemd.storage.patch_space import PatchSpaceStore
 from faceemd.visualize import flow_picture, match_flow
 
 __all__ = ["QUERY_LABEL", "DetectedFaces", "gallery_faces", "identify", "query_photos"]
@@ -188,13 +189,18 @@ def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, templa
     )  # fmt: skip
     datamodule.setup("test")
     backbone = build_backbone(cfg.backbone)
-    feats, _, _ = load_or_extract(cfg, backbone, datamodule, [], build_cache(cfg.get("cache")))
+    cache = build_cache(cfg.get("cache"))
+    feats, _, _ = load_or_extract(cfg, backbone, datamodule, [], cache)
     g_feats = feats["gallery"]
     rerank = rerank_config(cfg.rerank)
     rerank = dataclasses.replace(rerank, top_k=min(rerank.top_k, len(g_feats)))
+    store = None  # the gallery's reduced grids are kept for the next day's queries
+    if cache is not None and g_feats.key and feats["query"].key:
+        store = PatchSpaceStore(cache, feats["query"].key, g_feats.key, rerank.grid)
     qb, gb = reduced_banks(
-        feats["query"].to_bank(rerank.grid), g_feats.to_bank(rerank.grid), rerank.patch_dim, False
-    )
+        feats["query"].to_bank(rerank.grid), g_feats.to_bank(rerank.grid), rerank.patch_dim,
+        False, store,
+    )  # fmt: skip
     ranking = two_stage_rank(qb, gb, rerank, depth=min(len(g_feats), max(rerank.top_k, 200)))
     inverse = {i: name for name, i in datamodule.vocab.items()}
     names = [inverse[int(x)] for x in gb.labels]

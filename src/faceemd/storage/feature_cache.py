@@ -389,6 +389,17 @@ class FeatureCache:
         log.debug("feature cache: merged %d parts into %s", len(parts), path)
         return path
 
+    def save_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> Path:
+        """An entry of named tensors derived from cached sets (e.g. reduced patch grids,
+        :mod:`faceemd.storage.patch_space`), written atomically with its checksum."""
+        return self._write(key, tensors, {})
+
+    def load_tensors(self, key: str, names: tuple[str, ...]) -> dict[str, torch.Tensor] | None:
+        """The tensors ``names`` of an entry written by :meth:`save_tensors` (mapped when the
+        cache maps), or None (absent, or corrupt and removed)."""
+        entry = self._read(key, names)
+        return None if entry is None else entry[0]
+
     def save_scores(self, key: str, candidates: torch.Tensor, emd: torch.Tensor) -> Path:
         """Stage-2 EMD similarities ``(Q, k)`` of the stage-1 ``candidates`` ``(Q, k)``: they do
         not depend on alpha, so an alpha sweep computes them once."""
