@@ -73,16 +73,18 @@ def test_refined_columns_alternate_the_emd_and_cosine_orders():
     assert refined_columns(torch.tensor([[0.9, 0.1, 0.5, 0.3]]), 3).tolist() == [[0, 2, 1]]
 
 
-def test_refine_top_rescores_the_chosen_candidates_at_full_dimension():
-    """patch_dim 3 of 16 with refine_top 4 of 8 candidates: the refined candidates' scores equal
-    the full-dimension scores (brute force over all candidates, tolerance 1e-6); the others are
-    the reduced-space scores shifted by the mean full - reduced difference of the refined."""
+@pytest.mark.parametrize("patch_dim", [3, None])
+def test_refine_top_solves_the_chosen_candidates_at_full_dimension(patch_dim):
+    """refine_top 4 of 8 candidates, screened in 3 of 16 dimensions or in all 16: the chosen
+    candidates' scores equal the full-dimension Sinkhorn scores (brute force over all
+    candidates, tolerance 1e-6); the others are the relaxed EMD's shifted by the mean
+    solved - screened difference of the chosen."""
     query, gallery = _banks(span=None)
     _, cand = stage1_topk(query.embeddings, gallery.embeddings, 8)
-    cfg = RerankConfig(top_k=8, patch_dim=3, refine_top=4)
-    full = stage2_scores(query, gallery, cand, cfg)  # full-dimension banks: no screen
-    q3, g3 = reduced_banks(query, gallery, 3, False)
-    screened = stage2_scores(q3, g3, cand, RerankConfig(top_k=8, patch_dim=3))
+    cfg = RerankConfig(top_k=8, patch_dim=patch_dim, refine_top=4)
+    full = stage2_scores(query, gallery, cand, RerankConfig(top_k=8))
+    q3, g3 = reduced_banks(query, gallery, patch_dim, False)
+    screened = stage2_scores(q3, g3, cand, RerankConfig(top_k=8, solver="relaxed"))
     refined = stage2_scores(q3, g3, cand, cfg)
     cols = refined_columns(screened, 4)
     assert_close(refined.gather(1, cols), full.gather(1, cols), atol=1e-6, rtol=0)
@@ -90,7 +92,7 @@ def test_refine_top_rescores_the_chosen_candidates_at_full_dimension():
     rest = torch.ones_like(refined, dtype=torch.bool).scatter_(1, cols, False)
     assert_close(refined[rest], (screened + offset)[rest], atol=1e-6, rtol=0)
     # every candidate refined: the full dimension's scores
-    every = RerankConfig(top_k=8, patch_dim=3, refine_top=8)
+    every = RerankConfig(top_k=8, patch_dim=patch_dim, refine_top=8)
     assert_close(stage2_scores(q3, g3, cand, every), full, atol=1e-6, rtol=0)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from faceemd.emd.cost import COST_DTYPES, patch_cosine, quantize_patches
 from faceemd.emd.exact import exact_emd
+from faceemd.emd.relaxed import relaxed_emd
 from faceemd.emd.settings import RerankConfig
 from faceemd.emd.sinkhorn import EMDResult, SinkhornSettings, solve
 from faceemd.emd.weights import CandidateInputs, QueryInputs, compute_weights, weight_probe
@@ -31,10 +32,15 @@ def solve_problems(
     return_flow: bool = False,
 ) -> EMDResult:
     """Solve the problems ``sim (B, K, R, R')``, ``u (..., B, K, R)``, ``v (..., B, K, R')`` with
-    ``solver`` (``exact``: POT's network simplex; ``sinkhorn`` with ``settings``). Leading
+    ``solver`` (``exact``: POT's network simplex; ``sinkhorn`` with ``settings``; ``relaxed``:
+    the relaxed EMD, a bound that solves nothing, no flow). Leading
     dimensions of the weights are further weight sets of the same pairs (e.g. one per
     weighting; Sinkhorn shares their kernels). The result's fields are shaped
     ``u.shape[:-1]`` (flow ``u.shape[:-1] + (R, R')``)."""
+    if solver == "relaxed":
+        if return_flow:
+            raise ValueError("the relaxed EMD has no transport plan: use solver sinkhorn or exact")
+        return relaxed_emd(sim, u, v)
     if solver == "exact":
         cost = torch.rsub(sim, 1.0).expand(*u.shape[:-1], *sim.shape[-2:])
         return exact_emd(cost, u, v, return_flow=return_flow)

@@ -18,7 +18,9 @@ from faceemd.emd.cost import COST_DTYPES
 from faceemd.emd.sinkhorn import SinkhornSettings
 from faceemd.emd.weights import WEIGHTINGS
 
-__all__ = ["EngineSettings", "MethodSettings", "RerankConfig"]
+__all__ = ["SOLVERS", "EngineSettings", "MethodSettings", "RerankConfig"]
+
+SOLVERS = ("sinkhorn", "exact", "relaxed")
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class RerankConfig:
     alpha: blend weight of the EMD similarity in [0, 1] (paper: 0.7) for ``blend='linear'``.
     blend: ``'linear'`` (Eq. 9) or ``'sum'`` (the public code's ``alpha < 0`` mode: EMD + cosine).
     weighting: one of :data:`faceemd.emd.weights.WEIGHTINGS`.
-    solver: ``'sinkhorn'`` or ``'exact'`` (POT network simplex, slow, for checks).
+    solver: ``'sinkhorn'``, ``'exact'`` (POT network simplex, slow, for checks) or
+    ``'relaxed'`` (the relaxed EMD of :mod:`faceemd.emd.relaxed`: a bound, no solve).
     eps, max_iter, tol, check_every, log_domain, backend, eps_start: Sinkhorn settings (see
     :class:`faceemd.emd.sinkhorn.SinkhornSettings`; ``eps_start`` turns on eps-scaling from it
     down to ``eps``).
@@ -75,10 +78,10 @@ class RerankConfig:
     None keeps the backbone's native grid.
     patch_dim: stage 2 in a ``d``-dimensional patch space fitted on the gallery
     (:mod:`faceemd.emd.projection`); None keeps the full dimension.
-    refine_top: with ``patch_dim``, each query's ``m`` most promising candidates (the first
-    ``m`` when its top-k are taken alternately by the reduced space's EMD similarity and by
-    cosine) are rescored at full dimension (:func:`faceemd.emd.stage2.stage2_scores_for`);
-    None (or no ``patch_dim``): none are.
+    refine_top: screen each query's ``top_k`` candidates with the relaxed EMD (in the
+    ``patch_dim`` space when set) and solve only the ``m`` most promising (taken alternately
+    by the screen's similarity and by cosine) with ``solver`` at full dimension
+    (:func:`faceemd.emd.stage2.stage2_scores_for`); None: every candidate is solved.
     """
 
     top_k: int = 100
@@ -108,7 +111,7 @@ class RerankConfig:
         settings = {
             f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("scores", True)
         }
-        if self.patch_dim is None or self.refine_top is None:
+        if self.refine_top is None:
             del settings["refine_top"]
         return settings
 
@@ -167,8 +170,8 @@ class RerankConfig:
             )
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose from {WEIGHTINGS}")
-        if self.solver not in ("sinkhorn", "exact"):
-            raise ValueError(f"solver must be 'sinkhorn' or 'exact', got {self.solver!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.cost_dtype not in (*COST_DTYPES, "int8"):
             raise ValueError(
                 f"cost_dtype must be one of {[*COST_DTYPES, 'int8']}, got {self.cost_dtype!r}"

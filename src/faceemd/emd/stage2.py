@@ -73,16 +73,17 @@ def stage2_scores_for(
     solves are per weighting. ``stats`` describe the first weighting's solves. From
     ``_BAR_PROBLEMS`` problems on, a ``stage 2`` progress bar counts the queries.
 
-    With banks in a reduced patch space (:func:`faceemd.emd.projection.reduced_banks`) and
-    ``cfg.refine_top``, the reduced space screens all ``k`` candidates and the most promising
-    are rescored at full dimension (:func:`_screen_and_refine`); candidates must then be in
-    stage-1 order (best cosine first), as :func:`faceemd.emd.two_stage_rank` passes them."""
+    With ``cfg.refine_top``, the relaxed EMD screens all ``k`` candidates (in the reduced
+    patch space of :func:`faceemd.emd.projection.reduced_banks` when the banks are in one) and
+    only the most promising are solved, at full dimension (:func:`_screen_and_refine`);
+    candidates must then be in stage-1 order (best cosine first), as
+    :func:`faceemd.emd.two_stage_rank` passes them."""
     if candidates.dim() != 2 or candidates.shape[0] != len(query):
         raise ValueError(
             f"candidates must be (Q, k) with Q = {len(query)} queries, got {tuple(candidates.shape)}"
         )
     weightings = list(dict.fromkeys(weightings))
-    if cfg.refine_top is not None and query.full is not None and gallery.full is not None:
+    if cfg.refine_top is not None:
         return _screen_and_refine(query, gallery, candidates, cfg, weightings, stats)
     gallery = prepare_gallery(gallery, cfg)
     norms, pooled = gallery.summaries
@@ -188,28 +189,26 @@ def _screen_and_refine(
     weightings: list[str],
     stats: dict | None,
 ) -> dict[str, Tensor]:
-    """``rerank.refine_top``: EMD similarities of all candidates in the reduced space, then the
-    :func:`refined_columns` of each query rescored at full dimension (``query.full``,
-    ``gallery.full``). The other candidates keep their reduced-space similarity shifted by the
-    query's mean difference between the two over its rescored candidates, so that both kinds sit
-    on one scale. ``stats`` cover both passes' solves."""
+    """``rerank.refine_top``: relaxed-EMD similarities (:mod:`faceemd.emd.relaxed`) of all
+    candidates, in the banks' space (reduced when they are), then the :func:`refined_columns`
+    of each query solved with ``cfg.solver`` at full dimension (``query.full`` and
+    ``gallery.full`` when the banks are reduced). The other candidates keep their screened
+    similarity shifted by the query's mean difference between the two over its solved
+    candidates, so that both kinds sit on one scale. ``stats`` describe the solves."""
     plain = dataclasses.replace(cfg, refine_top=None)
-    screen_stats: dict = {}
-    screened = stage2_scores_for(query, gallery, candidates, plain, weightings, screen_stats)
-    blocks = [screen_stats]
+    screen = dataclasses.replace(plain, solver="relaxed")
+    screened = stage2_scores_for(query, gallery, candidates, screen, weightings)
+    full_query = query if query.full is None else query.full
+    full_gallery = gallery if gallery.full is None else gallery.full
     out = {}
     for w in weightings:
         cols = refined_columns(screened[w], int(cfg.refine_top))
-        refine_stats: dict = {}
-        exact = stage2_scores_for(
-            query.full, gallery.full, candidates.gather(1, cols), plain, [w], refine_stats
-        )[w]
-        if w == weightings[0]:
-            blocks.append(refine_stats)
-        offset = (exact - screened[w].gather(1, cols)).mean(1, keepdim=True)
-        out[w] = (screened[w] + offset).scatter_(1, cols, exact)
-    if stats is not None:
-        stats.update(merge_solver_stats(blocks))
+        solved = stage2_scores_for(
+            full_query, full_gallery, candidates.gather(1, cols), plain, [w],
+            stats if w == weightings[0] else None,
+        )[w]  # fmt: skip
+        offset = (solved - screened[w].gather(1, cols)).mean(1, keepdim=True)
+        out[w] = (screened[w] + offset).scatter_(1, cols, solved)
     return out
 
 
