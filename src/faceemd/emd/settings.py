@@ -107,12 +107,14 @@ class RerankConfig:
 
     def score_settings(self) -> dict:
         """The fields stage-2 EMD similarities depend on (the score cache key); ``refine_top``
-        only where it does anything (so the keys of other settings stay as they were)."""
+        and its screen only where it is set (so the keys of other settings stay as they were)."""
         settings = {
             f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("scores", True)
         }
         if self.refine_top is None:
             del settings["refine_top"]
+        else:  # what screened the candidates (a Sinkhorn screen came first)
+            settings["refine_screen"] = "relaxed"
         return settings
 
     @property
