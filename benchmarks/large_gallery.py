@@ -9,6 +9,13 @@ a temporary folder under the working directory) and are removed after each size.
 
     python benchmarks/large_gallery.py                     # 10K, 100K, 1M
     python benchmarks/large_gallery.py --sizes 10000 --queries 200
+    python benchmarks/large_gallery.py --patch-dim full 64 --refine-top 20   # reduced space
+
+``--patch-dim d``: the gallery's grids are also stored reduced (``rerank.patch_dim``: a basis
+fitted on 100,000 of its patches, the grids projected a chunk at a time and written as float16
+``(G, R, d)`` with their norms and means, as the feature cache stores them; timed as "reduce
+s"), and stage 2 ranks in that space, the queries projected in the job; with ``--refine-top
+m`` the full grids stay mapped for the m candidates per query solved at full dimension.
 
 The gallery comes with per-item patch norms and means and is marked verified, as a feature
 cache entry provides them: stage 2 then reads only the candidates' rows of the map.
@@ -36,6 +43,7 @@ import torch
 
 from faceemd.emd import FeatureBank, RerankConfig, stage1_topk, two_stage_rank
 from faceemd.emd.bank import patch_summaries
+from faceemd.emd.projection import fit_patch_basis, project_bank, project_patches
 
 
 def generate(folder: Path, size: int, dim: int, r: int, c: int, chunk: int = 20000) -> None:
@@ -62,6 +70,25 @@ def generate(folder: Path, size: int, dim: int, r: int, c: int, chunk: int = 200
     for arr in (emb, patches, norms, means):
         arr.flush()
     np.save(folder / "labels.npy", labels)
+
+
+def reduce(folder: Path, d: int, chunk: int = 20000) -> None:
+    """The reduced grids of the gallery in ``folder`` (what the feature cache stores for
+    ``rerank.patch_dim=d``): basis, float16 ``(G, R, d)`` grids, their norms and means."""
+    patches = torch.from_numpy(np.load(folder / "patches.npy", mmap_mode="r"))
+    basis = fit_patch_basis(patches, d)
+    np.save(folder / f"basis{d}.npy", basis.numpy())
+    g, r, _ = patches.shape
+    out = np.lib.format.open_memmap(folder / f"patches{d}.npy", "w+", np.float16, (g, r, d))
+    norms = np.lib.format.open_memmap(folder / f"norms{d}.npy", "w+", np.float32, (g, r))
+    means = np.lib.format.open_memmap(folder / f"means{d}.npy", "w+", np.float32, (g, d))
+    for a in range(0, g, chunk):
+        block = project_patches(patches[a : a + chunk], basis).half()
+        out[a : a + chunk] = block.numpy()
+        n, m = patch_summaries(block)
+        norms[a : a + chunk], means[a : a + chunk] = n.numpy(), m.numpy()
+    for arr in (out, norms, means):
+        arr.flush()
 
 
 class AnonPeak:
@@ -95,17 +122,20 @@ class AnonPeak:
         return max(self.peak, self.now())
 
 
-def child(folder: Path, queries: int, top_k: int, query_batch: int | None, index: str) -> dict:
+def _mapped(folder: Path, name: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="r+"))
+
+
+def child(
+    folder: Path, queries: int, top_k: int, query_batch: int | None, index: str,
+    patch_dim: int | None = None, refine_top: int | None = None,
+) -> dict:  # fmt: skip
     torch.set_num_threads(2)
     anon = AnonPeak()
-    emb = torch.from_numpy(np.load(folder / "emb.npy", mmap_mode="r+"))
-    patches = torch.from_numpy(np.load(folder / "patches.npy", mmap_mode="r+"))
+    emb, patches = _mapped(folder, "emb"), _mapped(folder, "patches")
     labels = torch.from_numpy(np.load(folder / "labels.npy"))
     # per-item summaries mapped too: stage 2 reads only its candidates' rows (2 GB at 1M)
-    summaries = (
-        torch.from_numpy(np.load(folder / "norms.npy", mmap_mode="r+")),
-        torch.from_numpy(np.load(folder / "means.npy", mmap_mode="r+")),
-    )
+    summaries = (_mapped(folder, "norms"), _mapped(folder, "means"))
     # generated finite data with stored summaries: what a verified cache entry provides
     gallery = FeatureBank(emb, patches, labels, summaries=summaries, verified=True)
     rng = torch.Generator().manual_seed(1)
@@ -116,9 +146,15 @@ def child(folder: Path, queries: int, top_k: int, query_batch: int | None, index
     )
     query = FeatureBank(q_emb, q_patches, labels[rows])
     cfg = RerankConfig(
-        top_k=top_k, weighting="apc", tol=1e-3, query_batch=query_batch, stage1_index=index
-    )
+        top_k=top_k, weighting="apc", tol=1e-3, query_batch=query_batch, stage1_index=index,
+        patch_dim=patch_dim, refine_top=refine_top,
+    )  # fmt: skip
     t0 = time.perf_counter()
+    if patch_dim is not None:  # the stored reduced grids; the queries projected here
+        reduced = (_mapped(folder, f"norms{patch_dim}"), _mapped(folder, f"means{patch_dim}"))
+        basis = torch.from_numpy(np.load(folder / f"basis{patch_dim}.npy"))
+        gallery = project_bank(gallery, basis, _mapped(folder, f"patches{patch_dim}"), reduced)
+        query = project_bank(query, basis)
     ranking = two_stage_rank(query, gallery, cfg)
     total = time.perf_counter() - t0
     extra = {}
@@ -131,6 +167,8 @@ def child(folder: Path, queries: int, top_k: int, query_batch: int | None, index
         extra["recall_at_k"] = round(float(hits), 4)
     return {
         "index": index,
+        "patch_dim": patch_dim or patches.shape[2],
+        "refine_top": refine_top,
         **extra,
         "gallery": len(gallery),
         "queries": queries,
@@ -154,10 +192,16 @@ def main() -> None:
     parser.add_argument(
         "--index", nargs="+", default=["exact"], help="stage-1 index per run: exact and/or ivf"
     )
+    parser.add_argument(
+        "--patch-dim", nargs="+", default=["full"], help="per run: full and/or a dimension d"
+    )
+    parser.add_argument("--refine-top", type=int, default=None, help="with a d: rerank.refine_top")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dims = [None if d == "full" else int(d) for d in args.patch_dim]
     if args.child:
-        out = child(args.child, args.queries, args.top_k, args.query_batch, args.index[0])
+        out = child(args.child, args.queries, args.top_k, args.query_batch, args.index[0],
+                    dims[0], args.refine_top)  # fmt: skip
         print(json.dumps(out))
         return
     rows = []
@@ -166,30 +210,43 @@ def main() -> None:
             t0 = time.perf_counter()
             generate(Path(tmp), size, 128, 16, 512)
             gen = time.perf_counter() - t0
-            for index in args.index:
+            for d, index in [(d, i) for d in dims for i in args.index]:
+                reduce_s = 0.0
+                if d is not None and not (Path(tmp) / f"patches{d}.npy").is_file():
+                    t0 = time.perf_counter()
+                    reduce(Path(tmp), d)
+                    reduce_s = time.perf_counter() - t0
+                refine = [] if d is None or args.refine_top is None else [
+                    "--refine-top", str(args.refine_top)]  # fmt: skip
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", tmp, "--queries", str(args.queries),
                      "--top-k", str(args.top_k), "--index", index,
+                     "--patch-dim", "full" if d is None else str(d), *refine,
                      *(["--query-batch", str(args.query_batch)] if args.query_batch else [])],
                     capture_output=True, text=True, check=True,
                 )  # fmt: skip
                 row = json.loads(out.stdout.strip().splitlines()[-1])
-                row["generate_s"] = round(gen, 1)
+                row["generate_s"], row["reduce_s"] = round(gen, 1), round(reduce_s, 1)
+                name = "patches.npy" if d is None else f"patches{d}.npy"
+                row["grid_bytes_per_item"] = (Path(tmp) / name).stat().st_size // size
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(
-        "\n| gallery | stage 1 | queries | stage 1 ms/query | stage 2 ms/query | total s | "
-        "peak RSS MB | peak anon MB | recall@k (exact stage 1 ms/query) | generate s |"
+        "\n| gallery | stage 1 | patch dim (refine) | queries | stage 1 ms/query | "
+        "stage 2 ms/query | total s | peak RSS MB | peak anon MB | grid bytes/item | "
+        "recall@k (exact stage 1 ms/query) | generate s | reduce s |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         recall = (
             f"{r['recall_at_k']} ({r['exact_stage1_ms_per_query']})" if "recall_at_k" in r else "-"
         )
+        dim = f"{r['patch_dim']}" + (f" ({r['refine_top']})" if r["refine_top"] else "")
         print(
-            f"| {r['gallery']:,} | {r['index']} | {r['queries']} | {r['stage1_ms_per_query']} | "
-            f"{r['stage2_ms_per_query']} | {r['total_s']} | {r['peak_rss_mb']:,} | "
-            f"{r['peak_anon_mb']:,} | {recall} | {r['generate_s']} |"
+            f"| {r['gallery']:,} | {r['index']} | {dim} | {r['queries']} | "
+            f"{r['stage1_ms_per_query']} | {r['stage2_ms_per_query']} | {r['total_s']} | "
+            f"{r['peak_rss_mb']:,} | {r['peak_anon_mb']:,} | {r['grid_bytes_per_item']:,} | "
+            f"{recall} | {r['generate_s']} | {r['reduce_s']} |"
         )
 
 

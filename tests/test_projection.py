@@ -61,6 +61,10 @@ def test_the_basis_is_orthonormal_deterministic_and_fitted_on_the_gallery_alone(
         fit_patch_basis(gallery.patches, 17)
     with pytest.raises(ValueError, match="patch_dim must be >= 1"):
         RerankConfig(patch_dim=0)
+    # a dimension of at least the channels keeps the banks as they are (one setting, any width)
+    for dim in (16, 64):
+        same_query, same_gallery = reduced_banks(query, gallery, dim, False)
+        assert same_query is query and same_gallery is gallery
 
 
 def test_refined_columns_alternate_the_emd_and_cosine_orders():
@@ -91,9 +95,10 @@ def test_refine_top_solves_the_chosen_candidates_at_full_dimension(patch_dim):
     offset = (full.gather(1, cols) - screened.gather(1, cols)).mean(1, keepdim=True)
     rest = torch.ones_like(refined, dtype=torch.bool).scatter_(1, cols, False)
     assert_close(refined[rest], (screened + offset)[rest], atol=1e-6, rtol=0)
-    # every candidate refined: the full dimension's scores
-    every = RerankConfig(top_k=8, patch_dim=patch_dim, refine_top=8)
-    assert_close(stage2_scores(q3, g3, cand, every), full, atol=1e-6, rtol=0)
+    # every candidate refined (or more asked for than there are): the full dimension's scores
+    for m in (8, 50):
+        every = RerankConfig(top_k=8, patch_dim=patch_dim, refine_top=m)
+        assert_close(stage2_scores(q3, g3, cand, every), full, atol=1e-6, rtol=0)
 
 
 def test_reduced_grids_are_cached_and_rebuilt_when_the_dimension_or_basis_changes(tmp_path):

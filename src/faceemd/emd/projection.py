@@ -68,14 +68,20 @@ def project_patches(patches: Tensor, basis: Tensor, chunk_rows: int = 4096) -> T
     return out
 
 
-def project_bank(bank: FeatureBank, basis: Tensor, patches: Tensor | None = None) -> FeatureBank:
+def project_bank(
+    bank: FeatureBank,
+    basis: Tensor,
+    patches: Tensor | None = None,
+    summaries: tuple[Tensor, Tensor] | None = None,
+) -> FeatureBank:
     """``bank`` with its patches ``(N, R, C)`` as coordinates ``(N, R, d)`` in ``basis (C, d)``
-    (``patches``: those coordinates when already made, e.g. read from a cache), their norms and
-    means, and the full-dimension bank kept as ``full``; int8 codes are dropped (they are of the
-    full patches)."""
+    (``patches``: those coordinates when already made, e.g. read from a cache; ``summaries``:
+    their norms and means, else computed), and the full-dimension bank kept as ``full``; int8
+    codes are dropped (they are of the full patches)."""
     reduced = project_patches(bank.patches, basis) if patches is None else patches
+    summaries = summaries or patch_summaries(reduced)
     return dataclasses.replace(
-        bank, patches=reduced, summaries=patch_summaries(reduced), quantized=None, full=bank
+        bank, patches=reduced, summaries=summaries, quantized=None, full=bank
     )
 
 
@@ -87,13 +93,14 @@ def reduced_banks(
     store=None,
 ) -> tuple[FeatureBank, FeatureBank]:
     """The query and gallery banks in the ``patch_dim`` space fitted on the gallery (unchanged
-    for ``None``); one bank when the queries are the gallery.
+    for ``None`` or a ``patch_dim`` of at least the patches' channels, so that one setting
+    serves backbones of any width); one bank when the queries are the gallery.
 
     store: optional :class:`faceemd.storage.patch_space.PatchSpaceStore` (anything with its
     ``gallery(dim, make)`` and ``query(basis, make)``): the basis and reduced grids are taken
     from it, or made and stored in it."""
-    if patch_dim is None:
-        return query, gallery
+    if patch_dim is None or int(patch_dim) >= gallery.patches.shape[-1]:
+        return query, gallery  # d >= C: a rotation of the full space, which changes nothing
     dim = int(patch_dim)
 
     def gallery_space() -> tuple[Tensor, Tensor]:

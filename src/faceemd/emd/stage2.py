@@ -196,10 +196,12 @@ def _screen_and_refine(
     similarity shifted by the query's mean difference between the two over its solved
     candidates, so that both kinds sit on one scale. ``stats`` describe the solves."""
     plain = dataclasses.replace(cfg, refine_top=None)
-    screen = dataclasses.replace(plain, solver="relaxed")
-    screened = stage2_scores_for(query, gallery, candidates, screen, weightings)
     full_query = query if query.full is None else query.full
     full_gallery = gallery if gallery.full is None else gallery.full
+    if candidates.shape[1] <= int(cfg.refine_top):  # all chosen (e.g. verification pairs)
+        return stage2_scores_for(full_query, full_gallery, candidates, plain, weightings, stats)
+    screen = dataclasses.replace(plain, solver="relaxed")
+    screened = stage2_scores_for(query, gallery, candidates, screen, weightings)
     out = {}
     for w in weightings:
         cols = refined_columns(screened[w], int(cfg.refine_top))
