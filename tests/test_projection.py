@@ -12,22 +12,23 @@ from faceemd.storage.patch_space import PatchSpaceStore
 
 
 def _banks(span: int | None, c: int = 16, seed: int = 0):
-    """Query and gallery banks whose patches lie in a ``span``-dimensional subspace of R^c
-    (None: everywhere)."""
+    """Query and gallery banks whose patches and (C-sized, as CC needs) embeddings lie in a
+    ``span``-dimensional subspace of R^c (None: everywhere)."""
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(span or c, c, generator=g)
 
     def bank(n):
         patches = torch.randn(n, 9, span or c, generator=g) @ mix
-        return FeatureBank(torch.randn(n, 8, generator=g), patches, torch.arange(n) % 4)
+        embeddings = torch.randn(n, span or c, generator=g) @ mix
+        return FeatureBank(embeddings, patches, torch.arange(n) % 4)
 
     return bank(6), bank(20)
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "apc", "apc_dot", "sc", "sc_eq8"])
+@pytest.mark.parametrize("weighting", ["uniform", "apc", "apc_dot", "cc", "cc_dot", "sc", "sc_eq8"])
 def test_a_basis_spanning_the_patches_reproduces_the_full_dimension_scores(weighting):
-    """Patches in a 5-dimensional subspace of R^16, patch_dim 5: the projection keeps every
-    dot product, so the stage-2 scores equal the full dimension's to float32 rounding
+    """Patches and embeddings in a 5-dimensional subspace of R^16, patch_dim 5: the projection
+    keeps every dot product, so the stage-2 scores equal the full dimension's to float32 rounding
     (stated tolerance 1e-5; Sinkhorn converged to tol 1e-6)."""
     query, gallery = _banks(span=5)
     cfg = RerankConfig(top_k=5, weighting=weighting, tol=1e-6, max_iter=5000)

@@ -43,13 +43,16 @@ def uses_stage2(cfg: RerankConfig) -> bool:
 
 
 def bank_rows(bank: FeatureBank, rows: Tensor) -> FeatureBank:
-    """The rows ``rows`` of ``bank`` as a new bank (copies of those rows only)."""
+    """The rows ``rows`` of ``bank`` as a new bank (copies of those rows only; of its
+    full-dimension bank too when it is in a reduced patch space)."""
     return FeatureBank(
         bank.embeddings[rows],
         bank.patches[rows],
         bank.labels[rows],
         None if bank.lmk is None else bank.lmk[rows],
         verified=bank.verified,
+        full=None if bank.full is None else bank_rows(bank.full, rows),
+        basis=bank.basis,
     )
 
 

@@ -28,7 +28,9 @@ class FeatureBank:
     patches (:func:`faceemd.emd.cost.quantize_patches`) for ``cost_dtype='int8'``.
     full: for patches projected into a smaller space (``rerank.patch_dim``,
     :mod:`faceemd.emd.projection`), the same set's full-dimension bank: ``rerank.refine_top``
-    rescores a query's best candidates on it.
+    rescores a query's best candidates on it. basis: the ``(C, d)`` basis of that space (None
+    at full dimension): embeddings of size C (what CC correlates patches with) are projected
+    onto it (:meth:`patch_space_embeddings`).
     """
 
     embeddings: Tensor
@@ -39,6 +41,7 @@ class FeatureBank:
     verified: bool = False
     quantized: tuple[Tensor, Tensor] | None = None
     full: FeatureBank | None = None
+    basis: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.embeddings.shape[0]
@@ -72,6 +75,15 @@ class FeatureBank:
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
+
+    def patch_space_embeddings(self, rows) -> Tensor:
+        """The embeddings of ``rows`` in the patches' space: as they are at full dimension (or
+        when their size is not the patches' original C), else their coordinates in
+        :attr:`basis` (CC then correlates projected patches with projected embeddings)."""
+        embeddings = self.embeddings[rows]
+        if self.basis is None or embeddings.shape[-1] != self.basis.shape[0]:
+            return embeddings
+        return embeddings.float() @ self.basis
 
 
 @dataclass

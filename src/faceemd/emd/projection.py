@@ -9,8 +9,10 @@ unit-normalised patches drawn with a seeded generator, their top-``d`` right sin
 (an orthonormal ``(C, d)`` matrix). Query and gallery patches are replaced by their
 coordinates in it (an orthogonal projection, not renormalised: where the basis spans the
 patches, every dot product, cosine and mean is kept exactly), so the cosine ground distance,
-the patch means of APC and the sums of SC are those of the projected patches. Embeddings
-(stage 1, CC) are unchanged. ``patch_dim=None`` keeps the full dimension.
+the patch means of APC and the sums of SC are those of the projected patches; CC correlates
+them with the embeddings projected onto the same basis (where the embeddings have the
+patches' size, which CC needs). Stage 1 keeps the embeddings as they are, and LMK its landmark
+densities. ``patch_dim=None`` keeps the full dimension.
 
 A projected bank keeps the full-dimension bank it came from (:attr:`FeatureBank.full`), which
 ``rerank.refine_top`` rescores its few best candidates with (:mod:`faceemd.emd.stage2`).
@@ -81,7 +83,7 @@ def project_bank(
     reduced = project_patches(bank.patches, basis) if patches is None else patches
     summaries = summaries or patch_summaries(reduced)
     return dataclasses.replace(
-        bank, patches=reduced, summaries=summaries, quantized=None, full=bank
+        bank, patches=reduced, summaries=summaries, quantized=None, full=bank, basis=basis
     )
 
 

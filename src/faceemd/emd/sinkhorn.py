@@ -230,7 +230,8 @@ def _scalings(kernel: Tensor, sim: Tensor, u: Tensor, v: Tensor, settings, stage
         iterations += iters
         if not last:  # the plan squared; a zero-weight patch (scaling 0) keeps its scale
             a, b = torch.where(a > 0, a, 1.0), torch.where(b > 0, b, 1.0)
-            kernel = (a.unsqueeze(-1) * kernel * b.unsqueeze(-2)).square_()
+            # plan entries are masses <= 1: capped as in sinkhorn_cpu (no overflow to inf)
+            kernel = (a.unsqueeze(-1) * kernel * b.unsqueeze(-2)).clamp_(max=1.0).square_()
     # <T, sim> = a^T (K o sim) b without forming T.
     similarity = (torch.bmm(a.unsqueeze(1), kernel * sim).squeeze(1) * b).sum(-1)
     return a, b, kernel, similarity, row.sum(-1), err, iterations

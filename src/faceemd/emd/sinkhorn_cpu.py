@@ -30,7 +30,8 @@ from torch import Tensor
 
 __all__ = ["sinkhorn_cpu"]
 
-_FLOOR = np.float32(1e-38)
+# the smallest normal float32: fastmath flushes subnormals such as 1e-38 to 0 (then 0 / 0)
+_FLOOR = np.float32(np.finfo(np.float32).tiny)
 _CEIL = np.float32(1e30)  # scalings beyond it are not over-relaxed (no overflow to inf)
 
 
@@ -91,7 +92,9 @@ def _solve(
                 for i in range(r1):
                     ai = a[i] if a[i] > 0.0 else np.float32(1.0)
                     for j in range(r2):
-                        t = ai * k[i, j] * b[j]
+                        # a plan entry is a mass <= 1; capped so that a stage stopped far from
+                        # it (over-relaxed scalings near the float32 limits) cannot overflow
+                        t = min(ai * k[i, j] * b[j], np.float32(1.0))
                         k[i, j] = t * t
         s = sim[p % n0]
         total = np.float32(0.0)

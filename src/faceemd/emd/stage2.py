@@ -110,12 +110,12 @@ def stage2_scores_for(
             sim, weights = emd_problems(
                 QueryInputs(
                     query.patches[q0:q1],
-                    query.embeddings[q0:q1],
+                    query.patch_space_embeddings(slice(q0, q1)),
                     None if query.lmk is None else query.lmk[q0:q1],
                 ),
                 CandidateInputs(
                     part.view(*cand.shape, *rows.shape[1:]),
-                    gallery.embeddings[cand],
+                    gallery.patch_space_embeddings(cand),
                     None if gallery.lmk is None else gallery.lmk[cand],
                     norms=norms[cand],
                     pooled=pooled[cand],

@@ -3,7 +3,7 @@
 ``python -m faceemd.jobs.report <run or multirun dir> [--wandb]`` reads every ``metrics.json`` below
 the folder (one per job), writes ``report.csv`` (one row per job: its settings and every
 metric), ``report.md`` (the paper's layout: a row per dataset / backbone / weighting / grid /
-alpha / k, columns P@1, RP, M@R for stage 1 and stage 2 in percent; accuracy, AUC, EER for
+alpha / k / blend / patch dimension / candidates solved, columns P@1, RP, M@R for stage 1 and stage 2 in percent; accuracy, AUC, EER for
 verification jobs; jobs of the sweep that wrote no ``metrics.json`` are listed after the table
 with their overrides, and in the CSV with status ``failed``) and, when the jobs span more than one alpha, ``alpha_curve.png`` (stage-2
 P@1, or accuracy for verification data, against alpha, one line per dataset, as Fig. 4). ``--wandb`` also logs the table and the curve to a W&B run (offline unless
@@ -20,7 +20,9 @@ from pathlib import Path
 
 __all__ = ["collect", "failed_jobs", "main", "plot_alpha_curve", "to_markdown", "write_report"]
 
-SETTINGS = ("data", "backbone", "weighting", "grid", "alpha", "top_k", "blend")
+SETTINGS = (
+    "data", "backbone", "weighting", "grid", "alpha", "top_k", "blend", "patch_dim", "refine_top",
+)  # fmt: skip
 METRICS = ("p_at_1", "r_precision", "map_at_r")
 VERIFICATION_METRICS = ("accuracy", "auc", "eer")
 HEADERS = {
@@ -50,6 +52,8 @@ def _settings(config: dict) -> dict:
         "alpha": rerank.get("alpha", ""),
         "top_k": rerank.get("top_k", ""),
         "blend": rerank.get("blend", ""),
+        "patch_dim": "full" if rerank.get("patch_dim") is None else rerank["patch_dim"],
+        "refine_top": "all" if rerank.get("refine_top") is None else rerank["refine_top"],
     }
 
 
