@@ -72,10 +72,14 @@ def generate(folder: Path, size: int, dim: int, r: int, c: int, chunk: int = 200
     np.save(folder / "labels.npy", labels)
 
 
+def _mapped(folder: Path, name: str) -> torch.Tensor:
+    return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="r+"))
+
+
 def reduce(folder: Path, d: int, chunk: int = 20000) -> None:
     """The reduced grids of the gallery in ``folder`` (what the feature cache stores for
     ``rerank.patch_dim=d``): basis, float16 ``(G, R, d)`` grids, their norms and means."""
-    patches = torch.from_numpy(np.load(folder / "patches.npy", mmap_mode="r"))
+    patches = _mapped(folder, "patches")
     basis = fit_patch_basis(patches, d)
     np.save(folder / f"basis{d}.npy", basis.numpy())
     g, r, _ = patches.shape
@@ -120,10 +124,6 @@ class AnonPeak:
         self._stop.set()
         self._thread.join()
         return max(self.peak, self.now())
-
-
-def _mapped(folder: Path, name: str) -> torch.Tensor:
-    return torch.from_numpy(np.load(folder / f"{name}.npy", mmap_mode="r+"))
 
 
 def child(
