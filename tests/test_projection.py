@@ -31,7 +31,7 @@ def test_a_basis_spanning_the_patches_reproduces_the_full_dimension_scores(weigh
     keeps every dot product, so the stage-2 scores equal the full dimension's to float32 rounding
     (stated tolerance 1e-5; Sinkhorn converged to tol 1e-6)."""
     query, gallery = _banks(span=5)
-    cfg = RerankConfig(top_k=5, weighting=weighting, tol=1e-6, max_iter=5000)
+    cfg = RerankConfig(top_k=5, weighting=weighting, tol=1e-6, max_iter=5000, refine_top=None)
     _, cand = stage1_topk(query.embeddings, gallery.embeddings, 5)
     full = stage2_scores(query, gallery, cand, cfg)
     q5, g5 = reduced_banks(query, gallery, 5, False)
@@ -41,7 +41,7 @@ def test_a_basis_spanning_the_patches_reproduces_the_full_dimension_scores(weigh
 
 def test_a_smaller_space_changes_the_scores():
     query, gallery = _banks(span=None)
-    cfg = RerankConfig(top_k=5)
+    cfg = RerankConfig(top_k=5, refine_top=None)  # every candidate solved in the small space
     _, cand = stage1_topk(query.embeddings, gallery.embeddings, 5)
     q3, g3 = reduced_banks(query, gallery, 3, False)
     assert float((stage2_scores(q3, g3, cand, cfg) - stage2_scores(query, gallery, cand, cfg))
@@ -87,9 +87,9 @@ def test_refine_top_solves_the_chosen_candidates_at_full_dimension(patch_dim):
     query, gallery = _banks(span=None)
     _, cand = stage1_topk(query.embeddings, gallery.embeddings, 8)
     cfg = RerankConfig(top_k=8, patch_dim=patch_dim, refine_top=4)
-    full = stage2_scores(query, gallery, cand, RerankConfig(top_k=8))
+    full = stage2_scores(query, gallery, cand, RerankConfig(top_k=8, refine_top=None))
     q3, g3 = reduced_banks(query, gallery, patch_dim, False)
-    screened = stage2_scores(q3, g3, cand, RerankConfig(top_k=8, solver="relaxed"))
+    screened = stage2_scores(q3, g3, cand, RerankConfig(top_k=8, solver="relaxed", refine_top=None))
     refined = stage2_scores(q3, g3, cand, cfg)
     cols = refined_columns(screened, 4)
     assert_close(refined.gather(1, cols), full.gather(1, cols), atol=1e-6, rtol=0)
