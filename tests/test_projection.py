@@ -62,6 +62,10 @@ def test_the_basis_is_orthonormal_deterministic_and_fitted_on_the_gallery_alone(
         fit_patch_basis(gallery.patches, 17)
     with pytest.raises(ValueError, match="patch_dim must be >= 1"):
         RerankConfig(patch_dim=0)
+    # refine_top solving all top_k candidates ranks nothing in the small space: none is fitted
+    assert RerankConfig(top_k=20, patch_dim=6, refine_top=20).screen_dim is None
+    assert RerankConfig(top_k=21, patch_dim=6, refine_top=20).screen_dim == 6
+    assert RerankConfig(top_k=5, patch_dim=6, refine_top=None).screen_dim == 6
     # a dimension of at least the channels keeps the banks as they are (one setting, any width)
     for dim in (16, 64):
         same_query, same_gallery = reduced_banks(query, gallery, dim, False)

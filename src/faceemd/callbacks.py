@@ -170,7 +170,7 @@ class RerankEvaluation(FeatureCollector):
         gallery = query if same else self.features[1]
         # every process ranks a block of queries; all end with the same gathered result
         banks = reduced_banks(
-            query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg.patch_dim, same
+            query.to_bank(self.cfg.grid), gallery.to_bank(self.cfg.grid), self.cfg.screen_dim, same
         )
         results, self.ranking = evaluate_features(*banks, self.cfg, same)
         results["eval/extract_seconds"] = self.extract_seconds

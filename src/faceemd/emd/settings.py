@@ -107,6 +107,15 @@ class RerankConfig:
     patch_dim: int | None = 64
     refine_top: int | None = 20
 
+    @property
+    def screen_dim(self) -> int | None:
+        """The patch dimension stage 2 screens in: ``patch_dim``, or None (full) when
+        ``refine_top`` solves every candidate anyway (e.g. a shallow validation top_k), so no
+        job fits a basis it would not rank with."""
+        if self.refine_top is not None and self.refine_top >= self.top_k:
+            return None
+        return self.patch_dim
+
     def score_settings(self) -> dict:
         """The fields stage-2 EMD similarities depend on (the score cache key); ``refine_top``
         and its screen only where it is set (so the keys of other settings stay as they were)."""

@@ -99,7 +99,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         store = None
         if cache is not None and feats["query"].key and g_key:
             store = PatchSpaceStore(cache, feats["query"].key, g_key, rerank.grid)
-        query, gallery = reduced_banks(query, gallery, rerank.patch_dim, same, store)
+        query, gallery = reduced_banks(query, gallery, rerank.screen_dim, same, store)
         ranking = pair_scores = None
         if isinstance(datamodule, VerificationDataModule):
             scores = ScoreCache(cache, feats, rerank)

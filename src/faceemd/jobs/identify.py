@@ -198,7 +198,7 @@ def _rank(cfg: DictConfig, queries: DetectedFaces, gallery: AlignedFaces, templa
     if cache is not None and g_feats.key and feats["query"].key:
         store = PatchSpaceStore(cache, feats["query"].key, g_feats.key, rerank.grid)
     qb, gb = reduced_banks(
-        feats["query"].to_bank(rerank.grid), g_feats.to_bank(rerank.grid), rerank.patch_dim,
+        feats["query"].to_bank(rerank.grid), g_feats.to_bank(rerank.grid), rerank.screen_dim,
         False, store,
     )  # fmt: skip
     ranking = two_stage_rank(qb, gb, rerank, depth=min(len(g_feats), max(rerank.top_k, 200)))
